@@ -1,0 +1,236 @@
+"""The one transformer core shared by every model in this repository.
+
+A pre-LN ViT stack (`x += Attn(LN(x)); x += MLP(LN(x))`, final LayerNorm), as in M3AE and MAE:
+fused qkv projection with bias (columns q | k | v, head-major inside each), scale `Dh**-0.5`,
+MLP ratio 4 with tanh-approximate GELU, LayerNorm eps 1e-6, xavier-uniform Dense kernels and zero
+biases. The attention mask is an argument, so the M3AE encoder/decoder (key padding) and the
+causal LM with forgetful causal masking (causal AND random hidden keys AND segments) run the
+same code.
+
+Masks are boolean, broadcastable to `(B, H, Lq, Lk)`, and True means "this query may attend to
+this key". Build them with `padding_mask`, `causal_mask` and `combine_masks`.
+
+Parameters are float32; `dtype` sets the compute dtype (float32 or bfloat16). `scan=True` runs the
+blocks under `nn.scan` (parameters stacked on a leading depth axis under `blocks/`), `remat=True`
+recomputes each block's activations in the backward pass. `stack_blocks` / `unstack_blocks`
+convert between the two parameter layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+LAYERNORM_EPS = 1e-6
+# Attention paths. "xla" and "cudnn" go through jax.nn.dot_product_attention; "einsum" spells the
+# softmax out and fills masked logits with -1e7 exactly as the original M3AE code did.
+ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
+
+dense_init = nn.initializers.xavier_uniform()
+
+
+# ----------------------------------------------------------------------------- position embeddings
+def sincos_1d(length: int, width: int) -> np.ndarray:
+    """Fixed 1-D sin-cos embedding, `(length, width)`: all sines first, then all cosines.
+
+    Channel i < width/2 uses frequency 10000^(-i / (width/2)). Computed in float64 and returned
+    as float32 constants (they are never parameters).
+    """
+    if width % 2:
+        raise ValueError(f"sin-cos embedding width must be even, got {width}")
+    omega = 1.0 / 10000 ** (np.arange(width // 2, dtype=np.float64) / (width / 2))
+    angles = np.arange(length, dtype=np.float64)[:, None] * omega[None, :]  # (L, W/2)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+def sincos_2d(grid_h: int, grid_w: int, width: int) -> np.ndarray:
+    """Fixed 2-D sin-cos embedding for a row-major patch grid, `(grid_h * grid_w, width)`.
+
+    Channels [0, width/2) encode the column index, [width/2, width) the row index.
+    """
+    if width % 4:
+        raise ValueError(f"2-D sin-cos embedding width must be divisible by 4, got {width}")
+    cols = sincos_1d(grid_w, width // 2)  # (Gw, W/2)
+    rows = sincos_1d(grid_h, width // 2)  # (Gh, W/2)
+    col_emb = np.tile(cols[None, :, :], (grid_h, 1, 1))  # (Gh, Gw, W/2)
+    row_emb = np.tile(rows[:, None, :], (1, grid_w, 1))  # (Gh, Gw, W/2)
+    return np.concatenate([col_emb, row_emb], axis=-1).reshape(grid_h * grid_w, width)
+
+
+# ----------------------------------------------------------------------------------------- masks
+def padding_mask(is_pad: Array) -> Array:
+    """Key-padding mask from `is_pad (B, L)` (nonzero = padding): `(B, 1, 1, L)`, True = attend."""
+    return jnp.logical_not(is_pad.astype(bool))[:, None, None, :]
+
+
+def causal_mask(length: int) -> Array:
+    """Causal mask `(1, 1, L, L)`: query i may attend to keys j <= i."""
+    return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+    """Logical AND of the given boolean masks (None entries are ignored)."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0]
+    for m in present[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+# ------------------------------------------------------------------------------------ attention
+def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str = "xla") -> Array:
+    """Multi-head attention: q, k, v `(B, L, H, Dh)`, mask `(B|1, H|1, Lq, Lk)` -> `(B, L, H, Dh)`."""
+    if impl == "einsum":
+        scale = q.shape[-1] ** -0.5
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale  # (B, H, Lq, Lk)
+        if mask is not None:
+            logits = jnp.where(mask, logits, -1e7)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if mask is not None:
+        # dot_product_attention wants a 4-D mask; broadcast the batch/head dims it may lack.
+        mask = jnp.broadcast_to(mask, (q.shape[0], *mask.shape[1:]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+class Attention(nn.Module):
+    """Self-attention with a fused qkv projection (q | k | v columns, head-major)."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None) -> Array:
+        B, L, D = x.shape
+        if D % self.num_heads:
+            raise ValueError(f"width {D} is not divisible by num_heads {self.num_heads}")
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, kernel_init=dense_init, dtype=self.dtype, param_dtype=jnp.float32, name=name
+        )
+        qkv = dense(3 * D, "qkv")(x)  # (B, L, 3D)
+        qkv = qkv.reshape(B, L, 3, self.num_heads, D // self.num_heads)  # (B, L, 3, H, Dh)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, L, H, Dh)
+        o = attend(q, k, v, mask, self.impl)  # (B, L, H, Dh)
+        o = o.reshape(B, L, D)  # heads concatenated in head order
+        return dense(D, "out")(o)
+
+
+class MLP(nn.Module):
+    """Two Dense layers with tanh-approximate GELU between them."""
+
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, kernel_init=dense_init, dtype=self.dtype, param_dtype=jnp.float32, name=name
+        )
+        h = nn.gelu(dense(self.hidden, "fc1")(x), approximate=True)
+        return dense(x.shape[-1], "fc2")(h)
+
+
+def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class Block(nn.Module):
+    """One pre-LN transformer block. `(x, mask) -> (x, x)` so it can be scanned."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None) -> tuple[Array, Array]:
+        attn = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")
+        x = x + attn(layer_norm("ln_attn", self.dtype)(x), mask)
+        mlp = MLP(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")
+        x = x + mlp(layer_norm("ln_mlp", self.dtype)(x))
+        return x, x
+
+
+class Transformer(nn.Module):
+    """A stack of pre-LN blocks plus a final LayerNorm.
+
+    Call with `x (B, L, D)` and an optional boolean `mask`; returns `(out, intermediates)` where
+    `intermediates` holds `blocks` (each block's output, stacked `(depth, B, L, D)`) and
+    `pre_norm` (the input to the final LayerNorm). Unused intermediates are dropped by XLA.
+    """
+
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: bool = False
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
+        block_cls = Block
+        if self.remat:
+            block_cls = nn.remat(Block, prevent_cse=not self.scan)
+        kwargs = dict(
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+        )
+        x = x.astype(self.dtype)
+        if self.scan:
+            stack = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+            )
+            x, hidden = stack(**kwargs, name="blocks")(x, mask)  # hidden: (depth, B, L, D)
+        else:
+            outs = []
+            for i in range(self.depth):
+                x, _ = block_cls(**kwargs, name=f"block_{i}")(x, mask)
+                outs.append(x)
+            hidden = jnp.stack(outs) if outs else x[None, :0]  # (depth, B, L, D)
+        out = layer_norm("ln_final", self.dtype)(x)
+        return out, {"blocks": hidden, "pre_norm": x}
+
+
+# ----------------------------------------------------------------------- scan <-> unrolled layout
+def stack_blocks(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Unrolled transformer params (`block_0 .. block_{n-1}`) -> scanned layout (`blocks`)."""
+    names = sorted((k for k in tree if k.startswith("block_")), key=lambda k: int(k[6:]))
+    if not names:
+        raise ValueError("no block_<i> entries to stack")
+    if names != [f"block_{i}" for i in range(len(names))]:
+        raise ValueError(f"block indices are not contiguous: {names}")
+    out = {k: v for k, v in tree.items() if not k.startswith("block_")}
+    out["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[tree[n] for n in names])
+    return out
+
+
+def unstack_blocks(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Scanned transformer params (`blocks` with a leading depth axis) -> unrolled layout."""
+    if "blocks" not in tree:
+        raise ValueError("no 'blocks' entry to unstack")
+    stacked = tree["blocks"]
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in tree.items() if k != "blocks"}
+    for i in range(depth):
+        out[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out
