@@ -89,7 +89,7 @@ def combine_masks(*masks: Array | None) -> Array | None:
 
 # ------------------------------------------------------------------------------------ attention
 def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str = "xla") -> Array:
-    """Multi-head attention: q, k, v `(B, L, H, Dh)`, mask `(B|1, H|1, Lq, Lk)` -> `(B, L, H, Dh)`."""
+    """Multi-head attention. q, k, v: `(B, L, H, Dh)`; mask: `(B|1, H|1, Lq, Lk)`; out like q."""
     if impl == "einsum":
         scale = q.shape[-1] ** -0.5
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale  # (B, H, Lq, Lk)

@@ -1,0 +1,93 @@
+"""The `m3ae` command: a thin layer over library functions.
+
+m3ae train --config configs/m3ae_pretrain.py:local --workdir runs/local [--set optim.base_lr=1e-3]
+m3ae import-reference SRC DST        # original M3AE weights (.npz or release .pkl) -> our format
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# Quiet transformers' "PyTorch was not found" notice: we only use its tokenizers.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from m3ae.config import load_config
+    from m3ae.train import train
+
+    config = load_config(args.config, args.overrides)
+    summary = train(config, args.workdir)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _import_reference(args: argparse.Namespace) -> int:
+    from m3ae.pretrained import save_pretrained
+    from m3ae.reference_import import infer_config, read_reference, summarize, to_m3ae_params
+
+    overrides = {}
+    if args.num_heads:
+        overrides["num_heads"] = args.num_heads
+    if args.dec_num_heads:
+        overrides["dec_num_heads"] = args.dec_num_heads
+    flat, meta = read_reference(args.src)
+    params = to_m3ae_params(flat)
+    config = infer_config(flat, meta, overrides=overrides)
+    extra = {k: config.pop(k) for k in ("image_size", "text_length") if k in config}
+    save_pretrained(args.dst, params, config, source=os.path.abspath(args.src), **extra)
+    print(summarize(params, config))
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m3ae", description=__doc__.split("\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("train", help="pretrain a model from a config file")
+    p.add_argument("--config", required=True, help="FILE.py[:ARG] or NAME[:ARG] in configs/")
+    p.add_argument("--workdir", required=True, help="output directory")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set optim.base_lr=1e-3",
+    )
+    p.set_defaults(func=_train)
+
+    p = verbs.add_parser("import-reference", help="convert original M3AE weights (npz or pkl)")
+    p.add_argument("src", help="fixture-layout .npz (param/<path>) or a released .pkl checkpoint")
+    p.add_argument("dst", help="output directory (m3ae.pretrained layout)")
+    p.add_argument("--num-heads", type=int, default=None, help="encoder heads, if not inferable")
+    p.add_argument(
+        "--dec-num-heads", type=int, default=None, help="decoder heads, if not inferable"
+    )
+    p.set_defaults(func=_import_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Accept absl-style `--config.optim.base_lr=1e-3` as an override too.
+    extra = [a for a in argv if a.startswith("--config.")]
+    argv = [a for a in argv if not a.startswith("--config.")]
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [a[len("--config.") :] for a in extra]
+    elif extra:
+        build_parser().error(f"{extra[0]}: config overrides only apply to `train`")
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+        print(f"m3ae {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

