@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dec-num-heads", type=int, default=None, help="decoder heads, if not inferable"
     )
     p.set_defaults(func=_import_reference)
+
+    from pipelines.shard_writer import add_shards_command
+
+    add_shards_command(verbs)
     return parser
 
 

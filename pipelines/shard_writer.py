@@ -1,0 +1,381 @@
+"""`m3ae shards`: write img2dataset-compatible webdataset shards from local sources.
+
+    m3ae shards --source openclipart --out data/openclipart --size 256
+    m3ae shards --source fashion-mnist --split train --out data/fmnist \\
+        --caption-template "a photo of a {label}"
+    m3ae shards --source folder --images photos/ --captions photos.csv --out data/photos --size 256
+    python -m pipelines.shard_writer --source mnist --out data/mnist --limit 1000   # same options
+
+Output: ``00000.tar, 00001.tar, ...`` each holding per sample ``KEY.cls`` (only with a class),
+``KEY.jpg`` (or ``.png``), ``KEY.json`` and ``KEY.txt``, in that order; ``00000_stats.json`` per
+shard, and at the end ``stats.json`` (summary) and ``classes.json`` (class names by index).
+
+Tars are byte-for-byte reproducible (fixed mtime/owner/mode, no wall-clock data inside) and are
+written under a ``.tar.tmp`` name, renamed when complete, so a crash never leaves a ``*.tar`` that
+looks finished. Skipped entries are counted by reason: written + skipped = attempted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import operator
+import os
+import re
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipelines.shard_sources import (
+    DEFAULT_TEMPLATE,
+    LABELLED,
+    Record,
+    RecordStream,
+    Skip,
+    fit_on_white,
+    folder_records,
+    labelled_records,
+    openclipart_records,
+)
+from pipelines.sources import OPENCLIPART_ROOT
+
+__all__ = [
+    "Record",
+    "RecordStream",
+    "Skip",
+    "add_shards_command",
+    "folder_records",
+    "labelled_records",
+    "openclipart_records",
+    "run_shards",
+    "write_shards",
+]
+
+_KEY_OK = re.compile(r"[A-Za-z0-9_-]+")
+_OUTPUTS = re.compile(r"\d{5}(_stats\.json|\.tar|\.tar\.tmp)|stats\.json|classes\.json")
+_MAX_EXAMPLES = 100  # skipped keys listed per shard; the counts are always complete
+
+
+def _encode(
+    image: np.ndarray | Image.Image, image_format: str, quality: int
+) -> tuple[bytes, int, int]:
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(f"expected uint8 (H, W[, 3]) pixels, got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    image = fit_on_white(image, None)
+    buf = io.BytesIO()
+    if image_format == "jpg":
+        image.save(buf, "JPEG", quality=quality)
+    else:
+        image.save(buf, "PNG")
+    return buf.getvalue(), image.width, image.height
+
+
+def _members(rec: Record, data: bytes, width: int, height: int, image_format: str) -> list:
+    meta = {
+        "key": rec.key,
+        "caption": rec.caption,
+        "url": rec.url,
+        "cls": rec.cls,
+        "label": rec.label,
+        "width": width,
+        "height": height,
+        "source": rec.source,
+    }
+    files = {
+        image_format: data,
+        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+        "txt": rec.caption.encode("utf-8"),
+    }
+    if rec.cls is not None:
+        files["cls"] = str(rec.cls).encode("ascii")
+    return sorted(files.items())  # alphabetical extensions: cls, jpg, json, (png,) txt
+
+
+class _Shard:
+    """One tar being written under a temporary name, plus its statistics."""
+
+    def __init__(self, out_dir: Path, index: int):
+        self.name = f"{index:05d}"
+        self.path, self.tmp = out_dir / f"{self.name}.tar", out_dir / f"{self.name}.tar.tmp"
+        self.file = open(self.tmp, "wb")
+        # PAX is also what webdataset's TarWriter uses; headers only grow for long names.
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
+        self.start, self.written, self.skipped = time.perf_counter(), 0, Counter()
+        self.examples: list[dict[str, str]] = []
+        self.seconds, self.bytes, self.done = 0.0, 0, False
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self.tar.addfile(info, io.BytesIO(data))
+        self.written += 1
+
+    def skip(self, skip: Skip) -> None:
+        self.skipped[skip.reason] += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append({"key": skip.key, "reason": skip.reason, "detail": skip.detail})
+
+    def close(self) -> None:
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        self.seconds, self.bytes = time.perf_counter() - self.start, self.path.stat().st_size
+        self.done = True
+
+    def abort(self) -> None:
+        """Drop the partial tar: nothing that looks like a shard is left behind."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+        self.done = True
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "shard": self.path.name,
+            "written": self.written,
+            "skipped": sum(self.skipped.values()),
+            "skipped_by_reason": dict(sorted(self.skipped.items())),
+            "skipped_examples": self.examples,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _prepare(out_dir: Path, overwrite: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(p for p in out_dir.iterdir() if _OUTPUTS.fullmatch(p.name))
+    if old and not overwrite:
+        # Stale higher-numbered shards of an earlier run would silently join this dataset.
+        raise FileExistsError(
+            f"{out_dir} already holds shards ({old[0].name}, ...): pass --overwrite"
+        )
+    for path in old:
+        path.unlink()
+
+
+def write_shards(
+    records: Iterable[Record | Skip],
+    out_dir: str | os.PathLike[str],
+    samples_per_shard: int = 1000,
+    image_format: str = "jpg",
+    quality: int = 95,
+    progress: bool = True,
+    total: int | None = None,
+    classes: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write `records` as ``NNNNN.tar`` shards in `out_dir`; returns the stats.json summary.
+
+    `Skip`s, and records that cannot be written (bad key, duplicate key, empty caption, image
+    that does not encode), are counted per reason in the shard being filled. `classes` defaults
+    to ``records.classes`` (a RecordStream) or else to the (cls, label) pairs seen.
+    """
+    from tqdm import tqdm
+
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+    if not 0 <= quality <= 100:
+        raise ValueError(f"quality must be in 0..100, got {quality}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    out = Path(out_dir)
+    _prepare(out, overwrite)
+    if classes is None:
+        classes = getattr(records, "classes", None)
+    total = total if total is not None else operator.length_hint(records) or None
+    start = time.perf_counter()
+    shards: list[dict[str, Any]] = []
+    current: _Shard | None = None  # a closed shard stays current to count the skips after it
+    pending: list[Skip] = []  # skips seen before the first shard opens
+    seen: set[str] = set()
+    seen_labels: dict[int, str] = {}
+    bar = tqdm(records, total=total, disable=not progress, unit="img", desc=f"shards {out}")
+    try:
+        for rec in bar:
+            if isinstance(rec, Record):
+                rec, members = _check(rec, seen, image_format, quality)
+            if isinstance(rec, Skip):
+                if current is not None:
+                    current.skip(rec)
+                else:
+                    pending.append(rec)
+                continue
+            if current is None or current.written == samples_per_shard:
+                if current is not None:
+                    shards.append(current.stats())
+                    _write_json(out / f"{current.name}_stats.json", shards[-1])
+                current = _Shard(out, len(shards))
+                for skip in pending:
+                    current.skip(skip)
+                pending.clear()
+            current.add(rec.key, members)
+            if rec.cls is not None:
+                seen_labels.setdefault(
+                    rec.cls, rec.label if rec.label is not None else str(rec.cls)
+                )
+            if current.written == samples_per_shard:
+                current.close()
+    except BaseException:
+        if current is not None and current.done:  # finished shards keep their stats file
+            _write_json(out / f"{current.name}_stats.json", current.stats())
+        elif current is not None:
+            current.abort()
+        raise
+    finally:
+        bar.close()
+    if current is not None:
+        if not current.done:
+            current.close()
+        shards.append(current.stats())
+        _write_json(out / f"{current.name}_stats.json", shards[-1])
+    if classes is None and seen_labels:
+        classes = [seen_labels.get(i, str(i)) for i in range(max(seen_labels) + 1)]
+    skipped = Counter(s.reason for s in pending)
+    for shard in shards:
+        skipped.update(shard["skipped_by_reason"])
+    written = sum(s["written"] for s in shards)
+    summary = {
+        "out_dir": str(out),
+        "written": written,
+        "skipped": sum(skipped.values()),
+        "attempted": written + sum(skipped.values()),
+        "skipped_by_reason": dict(sorted(skipped.items())),
+        "shards": len(shards),
+        "samples_per_shard": samples_per_shard,
+        "format": image_format,
+        "bytes": sum(s["bytes"] for s in shards),
+        "seconds": round(time.perf_counter() - start, 3),
+        "num_classes": len(classes) if classes is not None else None,
+        "shard_stats": shards,
+    }
+    if classes is not None:
+        _write_json(out / "classes.json", list(classes))
+    _write_json(out / "stats.json", summary)
+    return summary
+
+
+def _check(
+    rec: Record, seen: set[str], image_format: str, quality: int
+) -> tuple[Record | Skip, list[tuple[str, bytes]]]:
+    """The tar members of `rec`, or the Skip that says why it cannot be written."""
+    if not _KEY_OK.fullmatch(rec.key):
+        return Skip(rec.key, "bad_key", "keys use letters, digits, '_' and '-' only"), []
+    if rec.key in seen:
+        return Skip(rec.key, "duplicate_key"), []
+    if not rec.caption or not rec.caption.strip():
+        return Skip(rec.key, "empty_caption"), []
+    try:
+        data, width, height = _encode(rec.image, image_format, quality)
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types; one bad image is a skip
+        return Skip(rec.key, "encode_error", f"{type(e).__name__}: {e}"), []
+    seen.add(rec.key)
+    return rec, _members(rec, data, width, height, image_format)
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    reasons = ", ".join(f"{n} {r}" for r, n in summary["skipped_by_reason"].items())
+    return (
+        f"Wrote {summary['written']} samples in {summary['shards']} shard(s) "
+        f"({summary['bytes'] / 1e6:.1f} MB) to {summary['out_dir']} in {summary['seconds']:.1f} s; "
+        f"skipped {summary['skipped']} of {summary['attempted']}"
+        + (f" ({reasons})." if reasons else ".")
+    )
+
+
+def add_shards_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``shards`` on an argparse subparsers object (``set_defaults(func=run_shards)``)."""
+    p = subparsers.add_parser("shards", help="write webdataset shards (img2dataset layout)")
+    p.add_argument("--source", required=True, choices=["folder", "openclipart", *LABELLED])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png"], default="jpg")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    p.add_argument("--limit", type=int, default=None, help="attempt only the first N entries")
+    p.add_argument("--workers", type=int, default=None, help="default: CPU count (openclipart)")
+    p.add_argument(
+        "--size", type=int, default=None, help="square side in px (openclipart default 256)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    g = p.add_argument_group("folder")
+    g.add_argument("--images", help="image folder (paths in --captions are relative to it)")
+    g.add_argument("--captions", help="CSV or JSONL: file/filename/path/image + caption/text/title")
+    g = p.add_argument_group("openclipart")
+    g.add_argument("--root", default=OPENCLIPART_ROOT)
+    g.add_argument("--shuffle-seed", type=int, default=None, help="default: sorted key order")
+    g.add_argument("--include-duplicates", action="store_true", help="keep symlinked copies")
+    g = p.add_argument_group("mnist / fashion-mnist")
+    g.add_argument("--split", default="train", help="train or test (MNIST also valid)")
+    g.add_argument("--caption-template", default=DEFAULT_TEMPLATE, help="{label} and {cls}")
+    p.set_defaults(func=run_shards)
+    return p
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    """Build the source named by ``args.source``, write its shards, print a summary."""
+    stream: RecordStream
+    if args.source == "folder":
+        if not (args.images and args.captions):
+            raise ValueError("--source folder needs --images DIR and --captions FILE")
+        workers = args.workers or min(8, os.cpu_count() or 1)
+        stream = folder_records(args.images, args.captions, args.size, args.limit, workers)
+    elif args.source == "openclipart":
+        stream = openclipart_records(
+            args.root,
+            args.size or 256,
+            args.limit,
+            args.shuffle_seed,
+            args.workers,
+            args.include_duplicates,
+        )
+    else:
+        stream = labelled_records(
+            args.source, args.split, args.caption_template, args.size, args.limit
+        )
+    summary = write_shards(
+        stream,
+        args.out,
+        args.samples_per_shard,
+        args.image_format,
+        args.quality,
+        progress=args.progress,
+        overwrite=args.overwrite,
+    )
+    print(summary_text(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.shard_writer")
+    sub = parser.add_subparsers(dest="verb")
+    add_shards_command(sub)
+    args = parser.parse_args(["shards", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"shards: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Reading webdataset shards into raw samples, without ever failing on bad bytes.
+
+A shard is a tar file (local path, `pipe:` command or a remote URL that webdataset's `gopen`
+can open: http(s) via curl, `gs://` via gsutil, ...) or a plain text / JSONL file whose lines are
+text-only samples. A sample is the group of consecutive tar members that share a key
+(`dir/key.jpg`, `dir/key.txt`, `dir/key.json` -> key `dir/key`), as webdataset defines it.
+
+`read_shard` yields `RawSample`s in file order, each with its shard URL and ordinal. Damage is
+reported *as a sample* with `error` set (a truncated tar yields one `truncated_tar` sample for
+the partial group and stops; an unreadable shard yields one `unreadable_shard` sample), so the
+loader counts it at the point where it would have been consumed: seen = used + skipped holds
+per shard, and a resumed run counts exactly what an uninterrupted run counts.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from braceexpand import braceexpand
+
+TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+# Keys as webdataset splits them: everything up to the first dot of the file name.
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+@dataclass
+class RawSample:
+    """One sample's undecoded members (`ext -> bytes`), or a read error in `error`."""
+
+    key: str
+    shard: str
+    index: int  # ordinal of the sample within its shard
+    members: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None  # a skip reason when the bytes could not be read
+
+
+def expand_urls(spec: str | Sequence[str]) -> list[str]:
+    """Shard list from a brace pattern, a glob, a directory, `::`-joined specs, or a list."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in specs:
+        for part in str(item).split("::"):
+            for url in braceexpand(part.strip()):
+                if not url:
+                    continue
+                if "://" in url or url.startswith("pipe:"):
+                    urls.append(url)
+                elif os.path.isdir(url):
+                    found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                    if not found:
+                        raise FileNotFoundError(f"no *.tar shards in directory {url}")
+                    urls.extend(found)
+                elif any(c in url for c in "*?["):
+                    found = sorted(glob.glob(url))
+                    if not found:
+                        raise FileNotFoundError(f"no files match {url}")
+                    urls.extend(found)
+                else:
+                    urls.append(url)
+    if not urls:
+        raise ValueError(f"no shards in {spec!r}")
+    return urls
+
+
+def host_shards(urls: Sequence[str], process_index: int, process_count: int) -> list[str]:
+    """This process's disjoint share of the shards (round-robin); an empty share is an error."""
+    mine = list(urls[process_index::process_count])
+    if not mine:
+        raise ValueError(
+            f"process {process_index} of {process_count} gets none of the {len(urls)} shards; "
+            "use at least one shard per process, or the resampled mode (data.resampled=True)"
+        )
+    return mine
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Remembers the header error that ends iteration: tarfile stops *silently* on a truncated
+    or garbled header after the first member, which would make a damaged shard look short."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # the all-zero end-of-archive block: a clean end
+            raise
+        except tarfile.HeaderError as e:
+            tar.m3ae_damage = e  # type: ignore[attr-defined]
+            raise
+
+
+def _open(url: str):
+    from webdataset import gopen
+
+    return gopen(url, "rb")
+
+
+def read_shard(url: str, skip: int = 0) -> Iterator[RawSample]:
+    """Raw samples of one shard in file order, starting after the first `skip` samples."""
+    if url.lower().endswith(TEXT_FILE_SUFFIXES):
+        yield from _read_text_file(url, skip)
+    else:
+        yield from _read_tar(url, skip)
+
+
+def _read_tar(url: str, skip: int) -> Iterator[RawSample]:
+    index = 0
+    current: RawSample | None = None
+    try:
+        stream = _open(url)
+    except Exception as e:  # noqa: BLE001 - any opener failure is this shard's failure
+        if skip == 0:
+            yield RawSample(f"{url}#0", url, 0, error="unreadable_shard")
+            _log_error(url, e)
+        return
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                match = _KEY_RE.match(member.name)
+                if match is None or os.path.basename(member.name).startswith(("__", ".")):
+                    continue  # no extension, or metadata such as __index__
+                key, ext = match.group(1), match.group(2).lower()
+                if current is not None and current.key != key:
+                    if index >= skip:
+                        yield current
+                    index += 1
+                    current = None
+                if current is None:
+                    current = RawSample(key, url, index)
+                data = tar.extractfile(member).read()
+                current.members.setdefault(ext, data)  # a repeated extension keeps the first
+            damage = getattr(tar, "m3ae_damage", None)
+            if damage is not None:
+                raise tarfile.ReadError(f"damaged tar header: {damage}")
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
+        # The rest of the shard is unreachable: report the partial sample (or the position).
+        if index >= skip:
+            key = current.key if current is not None else f"{url}#{index}"
+            yield RawSample(key, url, index, error="truncated_tar" if index else "corrupt_tar")
+        _log_error(url, e)
+        return
+    if current is not None and index >= skip:
+        yield current
+
+
+def _read_text_file(url: str, skip: int) -> Iterator[RawSample]:
+    """Each non-blank line is a text-only sample; JSONL lines give `text` or `caption`."""
+    jsonl = url.lower().endswith((".jsonl", ".json"))
+    try:
+        stream = _open(url)
+    except Exception as e:  # noqa: BLE001
+        if skip == 0:
+            yield RawSample(f"{url}#0", url, 0, error="unreadable_shard")
+            _log_error(url, e)
+        return
+    index = 0
+    with stream:
+        for lineno, line in enumerate(stream):
+            if not line.strip():
+                continue
+            if index >= skip:
+                sample = RawSample(f"{url}:{lineno + 1}", url, index)
+                if jsonl:
+                    try:
+                        record = json.loads(line)
+                        text = record.get("text", record.get("caption"))
+                        if not isinstance(text, str):
+                            raise ValueError("no text/caption field")
+                        sample.members["txt"] = text.encode("utf-8")
+                    except (ValueError, AttributeError):
+                        sample.error = "bad_json"
+                else:
+                    sample.members["txt"] = line.rstrip(b"\r\n")
+                yield sample
+            index += 1
+
+
+def _log_error(url: str, error: Exception) -> None:
+    print(f"pipelines: shard {url}: {type(error).__name__}: {error}", flush=True)
