@@ -1,9 +1,12 @@
 """M3AE pretraining recipe of the paper (Geng, Liu et al. 2022, CC12M, 100 epochs).
 
 Arguments pick a size: `tiny` (tests), `small`, `base`, `large`, `huge`, or `local`, the same
-recipe shrunk to a few minutes on a laptop CPU (tiny model, 32 px openclipart images). Run:
+recipe shrunk to a few minutes on a laptop CPU (tiny model, 32 px crops of openclipart shards).
 
-    m3ae demo                                   # the `local` variant on real openclipart data
+    make demo     # = m3ae shards --source openclipart --size 64 --limit 2400 ... (once), then
+                  #   m3ae train --config configs/m3ae_pretrain.py:local --workdir runs/demo
+    m3ae train --config configs/m3ae_pretrain.py:base --workdir runs/base \
+        --set data.paired.urls='cc12m/{00000..01242}.tar'
 
 Paper settings: AdamW (b1 0.9, b2 0.95, weight decay 0.05), peak LR 1.5e-4 x batch/256, 5 warm-up
 epochs then cosine to 0, batch 4096, 256 px images, patch 16, mask ratios 0.75 / 0.75, loss
@@ -15,9 +18,12 @@ from __future__ import annotations
 import ml_collections
 
 from m3ae.model import SIZES
+from pipelines.images import CC12M_MEAN, CC12M_STD
 
-CC12M_MEAN = (0.5762, 0.5503, 0.5213)
-CC12M_STD = (0.3207, 0.3169, 0.3307)
+# `make demo` writes these with `m3ae shards --source openclipart --size 64 --limit 2400`.
+LOCAL_SHARDS = "data/openclipart-64"
+LOCAL_TRAIN = LOCAL_SHARDS + "/{00001..00005}.tar"
+LOCAL_VAL = LOCAL_SHARDS + "/00000.tar"
 
 
 def get_config(arg: str = "base") -> ml_collections.ConfigDict:
@@ -45,14 +51,27 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
         )
     )
 
+    # Streams: paired image-text, image-only and text-only shards, each `urls` (brace pattern,
+    # directory, glob or list; empty = off) and a `weight` (its share of every batch).
+    stream = lambda urls="", weight=0.0: ml_collections.ConfigDict(dict(urls=urls, weight=weight))  # noqa: E731
     c.data = ml_collections.ConfigDict(
         dict(
-            source="openclipart" if local else "shards",
+            paired=stream(LOCAL_TRAIN if local else "", 1.0),
+            image_only=stream(),
+            text_only=stream(),
+            val_urls=LOCAL_VAL if local else "",
             image_size=32 if local else 256,
             text_length=32 if local else 64,
             mean=CC12M_MEAN,
             std=CC12M_STD,
-            num_examples=2048 if local else 12_000_000,
+            num_examples=2000 if local else 12_000_000,  # per epoch, for the LR schedule
+            shuffle_buffer=1000,
+            resampled=False,
+            workers=2 if local else 8,
+            max_pixels=50_000_000,
+            caption_drop_rate=0.0,
+            caption_drop_by_key=False,
+            tokenizer="",  # a tokenizer directory; empty = the bundled BERT-uncased
         )
     )
 

@@ -12,17 +12,13 @@ import pytest
 from PIL import Image
 
 from pipelines.loader import Loader, caption_dropped
-from pipelines.shard_sources import labelled_records, openclipart_records
+from pipelines.shard_sources import labelled_records
 from pipelines.shard_writer import write_shards
 
 
 @pytest.fixture(scope="module")
-def clipart(tmp_path_factory):
-    out = tmp_path_factory.mktemp("clipart")
-    records = openclipart_records(size=64, limit=96, shuffle_seed=0, workers=2)
-    summary = write_shards(records, out, samples_per_shard=24, progress=False)
-    assert summary["written"] >= 90
-    return sorted(str(p) for p in out.glob("*.tar"))
+def clipart(clipart_shards):
+    return clipart_shards
 
 
 @pytest.fixture(scope="module")

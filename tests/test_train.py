@@ -1,4 +1,4 @@
-"""The training command has a pulse: a few steps on real openclipart pictures and captions."""
+"""The training command has a pulse: a few steps on real openclipart shards."""
 
 from __future__ import annotations
 
@@ -12,23 +12,49 @@ from m3ae.config import load_config
 from m3ae.pretrained import load_pretrained
 from m3ae.train import train
 
-SMALL = ["data.num_examples=32", "optim.batch_size=16", "optim.epochs=2"]
+
+def small_config(shards, *extra):
+    overrides = [
+        "data.paired.urls=" + "::".join(shards[1:]),
+        f"data.val_urls={shards[0]}",
+        "data.num_examples=32",
+        "optim.batch_size=16",
+        "optim.epochs=2",
+        *extra,
+    ]
+    return load_config("m3ae_pretrain:local", overrides)
 
 
-def test_train_local_recipe_runs(tmp_path):
-    config = load_config("m3ae_pretrain:local", SMALL)
-    summary = train(config, str(tmp_path), log_every=1)
+def test_train_local_recipe_runs(clipart_shards, tmp_path):
+    summary = train(small_config(clipart_shards), str(tmp_path), log_every=1)
     assert summary["steps"] == 4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for key in ("loss", "image_loss", "text_loss", "text_accuracy", "grad_norm", "lr"):
+    keys = ("loss", "paired/image_loss", "paired/text_loss", "paired/text_accuracy", "grad_norm")
+    for key in (*keys, "lr"):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert rows[0]["lr"] < rows[1]["lr"]  # warm-up
+    assert rows[-1]["data"]["paired"]["used"] >= 64
     assert (tmp_path / "reconstruction_4.png").stat().st_size > 1000
     model, params = load_pretrained(tmp_path / "model")
     assert model.emb_dim == 64 and "block_0" in params["encoder"]
-    # The rendered pictures are cached: a second run reads them instead of rendering again.
-    assert list((tmp_path / "cache").glob("*.npz"))
+
+
+def test_train_with_unpaired_streams(clipart_shards, tmp_path):
+    config = small_config(
+        clipart_shards,
+        "data.paired.weight=2.0",
+        f"data.image_only.urls={clipart_shards[1]}",
+        "data.image_only.weight=1.0",
+        f"data.text_only.urls={clipart_shards[2]}",
+        "data.text_only.weight=1.0",
+        "optim.epochs=1",
+    )
+    summary = train(config, str(tmp_path), log_every=1)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["steps"] == 2
+    assert {"paired/text_loss", "image_only/image_loss", "text_only/text_loss"} <= set(row)
+    assert "image_only/text_loss" not in row and "text_only/image_loss" not in row
 
 
 def test_train_cli_names_a_mistyped_key(tmp_path):

@@ -1,0 +1,151 @@
+"""Mixing paired, image-only and text-only streams, and prefetching batches in the background.
+
+    loaders = build_loaders(config.data, global_batch=64, process_index=0, process_count=1)
+    for batches in Prefetch(MixedLoader(loaders)):   # {"paired": Batch, "text_only": Batch}
+        state = batches.state                         # store in the checkpoint
+
+The data config names up to three streams, each with `urls` (empty = off) and a `weight`: the
+global batch is split between the active streams in proportion to their weights, so every step
+sees the same composition (the paper's unpaired-text recipe adds a text-only batch to each
+paired one). Each stream keeps its own exactly resumable state.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.loader import Batch, Loader
+
+STREAMS = {"paired": "paired", "image_only": "image", "text_only": "text"}
+
+
+def split_batch(global_batch: int, weights: dict[str, float], process_count: int) -> dict[str, int]:
+    """Per-host batch size of each active stream; each stream's share divides over the hosts."""
+    active = {k: w for k, w in weights.items() if w > 0}
+    if not active:
+        raise ValueError("no active data stream: give one of data.paired/image_only/text_only urls")
+    total = sum(active.values())
+    sizes, left = {}, global_batch
+    names = list(active)
+    for name in names[:-1]:
+        sizes[name] = round(global_batch * active[name] / total)
+        left -= sizes[name]
+    sizes[names[-1]] = left
+    per_host = {}
+    for name, size in sizes.items():
+        if size <= 0 or size % process_count:
+            raise ValueError(
+                f"stream {name!r} gets {size} of the global batch {global_batch}, which does "
+                f"not split over {process_count} processes; adjust the batch size or weights"
+            )
+        per_host[name] = size // process_count
+    return per_host
+
+
+def build_loaders(
+    data: Any,
+    global_batch: int,
+    process_index: int,
+    process_count: int,
+    seed: int = 0,
+    state: dict[str, Any] | None = None,
+    train: bool = True,
+) -> dict[str, Loader]:
+    """A `Loader` per active stream of the data config (`data.paired`, ...)."""
+    weights = {name: float(data[name].weight) if data[name].urls else 0.0 for name in STREAMS}
+    sizes = split_batch(global_batch, weights, process_count)
+    loaders = {}
+    for i, (name, size) in enumerate(sizes.items()):
+        loaders[name] = Loader(
+            data[name].urls,
+            kind=STREAMS[name],
+            batch_size=size,
+            image_size=data.image_size,
+            text_length=data.text_length,
+            train=train,
+            seed=seed * 1000 + i,  # streams must not share augmentation draws
+            shuffle_buffer=data.shuffle_buffer,
+            resampled=data.resampled,
+            workers=data.workers,
+            max_pixels=data.max_pixels,
+            caption_drop_rate=data.caption_drop_rate,
+            caption_drop_by_key=data.caption_drop_by_key,
+            tokenizer=data.tokenizer or None,
+            process_index=process_index,
+            process_count=process_count,
+            state=(state or {}).get(name),
+        )
+    return loaders
+
+
+@dataclass
+class Batches:
+    """One step's batches, by stream name, and the state that resumes after them."""
+
+    batches: dict[str, Batch]
+    state: dict[str, Any]
+
+    def stats(self) -> dict[str, Any]:
+        return {name: b.state["stats"] for name, b in self.batches.items()}
+
+
+class MixedLoader:
+    """Zips the streams: each step yields one batch of every stream."""
+
+    def __init__(self, loaders: dict[str, Loader]):
+        self.loaders = loaders
+
+    def __iter__(self) -> Iterator[Batches]:
+        iterators = {name: iter(loader) for name, loader in self.loaders.items()}
+        while True:
+            batches = {}
+            for name, it in iterators.items():
+                batch = next(it, None)
+                if batch is None:
+                    return
+                batches[name] = batch
+            yield Batches(batches, {name: b.state for name, b in batches.items()})
+
+
+class Prefetch:
+    """Runs an iterator in a background thread, `size` items ahead; errors are re-raised."""
+
+    _END = object()
+
+    def __init__(self, iterable: Any, size: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iterable,), daemon=True)
+        self._thread.start()
+
+    def _run(self, iterable: Any) -> None:
+        try:
+            for item in iterable:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._queue.put(e)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
