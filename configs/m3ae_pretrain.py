@@ -77,17 +77,33 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict(
         dict(
-            batch_size=64 if local else 4096,
-            base_lr=1.5e-4,  # scaled by batch_size / 256
+            batch_size=64 if local else 4096,  # global, over all hosts
+            base_lr=4e-3 if local else 1.5e-4,  # x batch_size / 256; a tiny model wants more
             b1=0.9,
             b2=0.95,
             weight_decay=0.05,
-            warmup_epochs=5 if not local else 1,
-            epochs=100 if not local else 12,
+            decay_mask="kernels",  # or "original" (the original code's no-decay list)
+            warmup_epochs=1 if local else 5,
+            epochs=12 if local else 100,
+            steps=0,  # > 0 overrides epochs x num_examples / batch_size
             grad_clip_norm=1.0 if local else 0.0,
+            grad_accum_steps=1,
+            nonfinite="stop",  # or "skip": drop the update of a non-finite step and go on
         )
     )
-    if local:
-        # A tiny model on ~2k pictures wants a much higher LR than the paper's ViT-B.
-        c.optim.base_lr = 4e-3
+
+    # Mesh axes (see m3ae/sharding.py); -1 takes the remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(every=100 if local else 1000, keep=3, async_save=True)
+    )
+    c.logging = ml_collections.ConfigDict(
+        dict(
+            every=10 if local else 50,
+            pictures_every=100 if local else 5000,  # 0 = only at the end
+            tensorboard=True,
+            wandb_project="",
+            peak_flops=0.0,  # per device; 0 = measure a matmul at start (for MFU)
+        )
+    )
     return c

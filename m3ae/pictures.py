@@ -14,9 +14,8 @@ COLUMNS = ("input", "masked", "reconstruction", "pasted")
 
 def to_uint8(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """Normalized `(..., 3)` pixels back to uint8."""
-    return (
-        (np.clip(np.asarray(x, np.float32) * std + mean, 0.0, 1.0) * 255).round().astype(np.uint8)
-    )
+    x = np.nan_to_num(np.asarray(x, np.float32))  # a diverged model must not break the picture
+    return (np.clip(x * std + mean, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def save_reconstruction_grid(

@@ -2,12 +2,14 @@
 
     m3ae train --config configs/m3ae_pretrain.py:local --workdir runs/local
 
-Batches stream from webdataset shards through `pipelines` (paired, image-only and text-only
-streams mixed by weight; each stream's loss is computed by the same model and summed). This
-version trains on one device; sharding over a mesh and Orbax checkpoints with exact resume come
-with the trainer issue. It writes `metrics.jsonl` (one JSON object per logged step, with the
-pipeline's skip counters), `reconstruction_<step>.png` for held-out pictures, and the final
-model to `<workdir>/model` (`m3ae.pretrained` layout).
+One loop for every mesh: parameters and optimizer state are placed by the partition rules of
+`m3ae.sharding` (initialised by shape first, so no device ever holds an unsharded copy), each
+process feeds its slice of the batch from its own shards, and the jitted step donates the state.
+Batches come from `pipelines` (paired, image-only and text-only streams by weight; each stream's
+loss is computed by the same model and summed). Checkpoints (`m3ae.checkpoint`) hold the state,
+the RNG and every process's data-iterator state: rerunning the same command in the same workdir
+resumes exactly where it stopped. Outputs: `metrics.jsonl` (+ TensorBoard), reconstruction PNGs,
+`checkpoints/`, and the final model in `model/` (`m3ae.pretrained` layout).
 """
 
 from __future__ import annotations
@@ -24,34 +26,16 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from m3ae.checkpoint import Checkpoints
+from m3ae.flops import measure_matmul_peak, step_flops
+from m3ae.metrics import MetricsLogger
 from m3ae.model import M3AE, model_config
+from m3ae.optim import make_optimizer
 from m3ae.pictures import save_reconstruction_grid
 from m3ae.pretrained import save_pretrained
+from m3ae.sharding import global_batch, make_mesh, replicated, tree_shardings
 from pipelines.loader import Loader
 from pipelines.mix import MixedLoader, Prefetch, build_loaders
-
-# Parameters that get weight decay: Dense kernels and the text embedding table. Biases,
-# LayerNorm parameters and the CLS / type / mask tokens do not.
-DECAYED_LEAVES = ("kernel", "embedding")
-
-
-def decay_mask(params: Any) -> Any:
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in DECAYED_LEAVES, params
-    )
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
-    """AdamW with linear warm-up and cosine decay; peak LR = base_lr * batch / 256."""
-    peak = optim.base_lr * optim.batch_size / 256
-    warmup = min(int(optim.warmup_epochs * steps_per_epoch), total_steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total_steps, end_value=0.0)
-    adamw = optax.adamw(
-        schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=decay_mask
-    )
-    if optim.grad_clip_norm > 0:
-        adamw = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
-    return adamw, schedule
 
 
 def normalize(images: jax.Array, mean: Any, std: Any) -> jax.Array:
@@ -59,7 +43,7 @@ def normalize(images: jax.Array, mean: Any, std: Any) -> jax.Array:
     return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
 
 
-def model_inputs(batch: dict[str, np.ndarray], mean: Any, std: Any) -> dict[str, Any]:
+def model_inputs(batch: dict[str, Any], mean: Any, std: Any) -> dict[str, Any]:
     """A stream's arrays -> M3AE keyword arguments (absent modalities left out)."""
     kwargs: dict[str, Any] = {}
     if "image" in batch:
@@ -70,8 +54,8 @@ def model_inputs(batch: dict[str, np.ndarray], mean: Any, std: Any) -> dict[str,
     return kwargs
 
 
-def held_out_pictures(config: ml_collections.ConfigDict, count: int = 8) -> dict[str, np.ndarray]:
-    """A fixed set of evaluation-mode pictures (and captions) for reconstruction grids."""
+def held_out_batch(config: ml_collections.ConfigDict, count: int = 8) -> dict[str, np.ndarray]:
+    """A fixed set of evaluation-mode pictures (and captions): first `count` of the val shards."""
     data = config.data
     urls = data.val_urls or data.paired.urls or data.image_only.urls
     kind = "paired" if (data.val_urls or data.paired.urls) else "image"
@@ -90,112 +74,279 @@ def held_out_pictures(config: ml_collections.ConfigDict, count: int = 8) -> dict
     )
     batch = next(iter(loader), None)
     if batch is None:
-        raise ValueError(f"no {count} usable pictures in {urls} for the reconstruction grid")
-    return {k: v for k, v in batch.arrays.items() if k != "cls"}
+        raise ValueError(f"fewer than {count} usable pictures in {urls} for pictures and init")
+    return batch.arrays
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, log_every: int = 10) -> dict[str, Any]:
-    """Pretrain M3AE as `config` says; returns a summary (first / last loss, steps, seconds)."""
-    workdir_path = Path(workdir).expanduser().absolute()
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+def schedule_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """`(total_steps, steps_per_epoch)`: `optim.steps` if set, else epochs x examples / batch."""
+    steps_per_epoch = max(1, config.data.num_examples // config.optim.batch_size)
+    total = config.optim.steps or int(config.optim.epochs * steps_per_epoch)
+    return max(2, total), steps_per_epoch
 
-    batch_size = config.optim.batch_size
-    steps_per_epoch = max(1, config.data.num_examples // batch_size)
-    total_steps = max(2, int(config.optim.epochs * steps_per_epoch))
-    tx, schedule = make_optimizer(config.optim, total_steps, steps_per_epoch)
-    loaders = build_loaders(
-        config.data, batch_size, jax.process_index(), jax.process_count(), seed=config.seed
-    )
-    mean, std = tuple(config.data.mean), tuple(config.data.std)
-    pictures = held_out_pictures(config)
 
-    cfg = model_config(config.model_size, **config.model)
-    model = M3AE(**cfg)
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, rng = jax.random.split(rng)
-    params = model.init(
-        {"params": init_rng, "noise": init_rng}, **model_inputs(pictures, mean, std)
-    )["params"]
-    opt_state = tx.init(params)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(
-        f"M3AE {config.model_size}: {n_params / 1e6:.2f}M parameters; streams "
-        f"{ {k: v.batch_size for k, v in loaders.items()} }; {total_steps} steps"
-    )
+def accumulate(grad_fn, params, micro, key, accum: int):
+    """Mean loss, metrics and gradients over micro-batches; a scan keeps memory flat."""
 
-    def loss_fn(p, batches, key):
-        total, metrics = 0.0, {}
-        for name, batch in batches.items():
-            key, sub = jax.random.split(key)
-            out = model.apply({"params": p}, **model_inputs(batch, mean, std), rngs={"noise": sub})
+    def body(carry, xs):
+        i, batch = xs
+        (loss, metrics), grads = grad_fn(params, batch, jax.random.fold_in(key, i))
+        return jax.tree.map(lambda c, o: c + o / accum, carry, (loss, metrics, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    (loss, metrics), grads = jax.eval_shape(lambda: grad_fn(params, first, key))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, metrics, grads))
+    (loss, metrics, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+    return (loss, metrics), grads
+
+
+def make_train_step(model: M3AE, tx: optax.GradientTransformation, config, mean, std):
+    """`step(state, batches) -> (state, metrics)`, with gradient accumulation and a NaN guard."""
+    accum = int(config.optim.grad_accum_steps)
+
+    def loss_fn(params, batches, key):
+        total, metrics = jnp.zeros(()), {}
+        for i, (name, batch) in enumerate(sorted(batches.items())):
+            out = model.apply(
+                {"params": params},
+                **model_inputs(batch, mean, std),
+                rngs={"noise": jax.random.fold_in(key, i)},
+            )
             total = total + out["loss"]
             for k in ("image_loss", "text_loss", "text_accuracy"):
                 if k in out:
                     metrics[f"{name}/{k}"] = out[k]
         return total, metrics
 
-    @jax.jit
-    def train_step(params, opt_state, batches, key):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batches, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    metrics_file = (workdir_path / "metrics.jsonl").open("w")
-    history: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    step = 0
+    def step(state, batches):
+        rng, key = jax.random.split(state["rng"])
+        if accum == 1:
+            (loss, metrics), grads = grad_fn(state["params"], batches, key)
+        else:
+            # (B, ...) -> (accum, B / accum, ...): micro-batch j takes rows j, j+accum, ...
+            # so every micro-batch keeps the batch sharding of the full batch.
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+                batches,
+            )
+            (loss, metrics), grads = accumulate(grad_fn, state["params"], micro, key, accum)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # A non-finite step never touches the weights: the update is dropped and counted.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = {
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "step": state["step"] + 1,
+            "rng": rng,
+            "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
+            "first_nonfinite": jnp.where(
+                (state["first_nonfinite"] < 0) & ~finite,
+                state["step"] + 1,
+                state["first_nonfinite"],
+            ),
+        }
+        return new_state, {"loss": loss, "grad_norm": grad_norm, **metrics}
+
+    return step
+
+
+def init_state(model: M3AE, tx, sample: dict[str, Any], seed: int):
+    """`init(rng) -> state`; traced by shape first, then run with the state's shardings."""
+
+    def init(rng):
+        init_rng, rng = jax.random.split(rng)
+        params = model.init({"params": init_rng, "noise": init_rng}, **sample)["params"]
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": rng,
+            "nonfinite": jnp.zeros((), jnp.int32),
+            "first_nonfinite": jnp.full((), -1, jnp.int32),
+        }
+
+    return init, jax.random.PRNGKey(seed)
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Pretrain as `config` says, resuming from `workdir`'s latest checkpoint if there is one.
+
+    `stop_after` ends the run (with a checkpoint) after that many steps of this invocation, as a
+    preemption would. Returns a summary: steps, first / last loss, seconds, paths.
+    """
+    workdir_path = Path(workdir).expanduser().absolute()
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    config_dict = json.loads(config.to_json_best_effort())
+    is_main = jax.process_index() == 0
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    total_steps, steps_per_epoch = schedule_length(config)
+    tx, schedule = make_optimizer(config.optim, total_steps, steps_per_epoch)
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+
+    cfg = model_config(config.model_size, **config.model)
+    model = M3AE(**cfg)
+    pictures = held_out_batch(config)
+    size, length = config.data.image_size, config.data.text_length
+    dummy = {
+        "image": np.zeros((1, size, size, 3), np.uint8),
+        "text": np.zeros((1, length), np.int32),
+        "text_padding_mask": np.zeros((1, length), np.float32),
+    }  # both: every param exists
+    init, rng = init_state(model, tx, model_inputs(dummy, mean, std), config.seed)
+    abstract = jax.eval_shape(init, rng)
+    shardings = tree_shardings(abstract, mesh)
+
+    ckpt = Checkpoints(
+        workdir_path,
+        config.checkpoint.every,
+        config.checkpoint.keep,
+        sync=not config.checkpoint.async_save,
+    )
+    start_step, data_state = 0, None
+    if ckpt.latest_step() is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        start_step, state, data_state = ckpt.restore(target)
+        print(f"resuming from step {start_step} of {total_steps} ({workdir_path / 'checkpoints'})")
+    else:
+        state = jax.jit(init, out_shardings=shardings)(rng)
+        (workdir_path / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+
+    loaders = build_loaders(
+        config.data,
+        config.optim.batch_size,
+        jax.process_index(),
+        jax.process_count(),
+        seed=config.seed,
+        state=data_state,
+    )
+    step_fn = jax.jit(
+        make_train_step(model, tx, config, mean, std),
+        in_shardings=(shardings, None),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    sizes = {name: ld.batch_size * jax.process_count() for name, ld in loaders.items()}
+    flops = step_flops(cfg, config.data.image_size, config.data.text_length, sizes)
+    peak = config.logging.peak_flops or measure_matmul_peak(cfg.get("dtype", "float32"))
+    peak *= jax.device_count()
+    if is_main:
+        print(
+            f"M3AE {config.model_size}: {n_params / 1e6:.2f}M parameters, mesh "
+            f"{dict(mesh.shape)}, streams {sizes}, {total_steps} steps, "
+            f"{flops['total'] / 1e9:.1f} GFLOP/step"
+        )
+
+    logger = MetricsLogger(
+        workdir_path,
+        config.logging.tensorboard,
+        config.logging.wandb_project,
+        config_dict,
+        resume=start_step > 0,
+    )
     data = Prefetch(MixedLoader(loaders), size=2)
-    bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
-    for batches in data:
-        arrays = {
+    iterator = iter(data)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not is_main,
+    )
+    step, first_loss, last = start_step, None, {}
+    window_start, wait, window_steps = time.perf_counter(), 0.0, 0
+    run_start = time.perf_counter()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        batches = next(iterator)
+        wait += time.perf_counter() - t0
+        local = {
             name: {k: v for k, v in b.arrays.items() if k != "cls"}
             for name, b in batches.batches.items()
         }
-        rng, key = jax.random.split(rng)
-        params, opt_state, metrics = train_step(params, opt_state, arrays, key)
+        state, metrics = step_fn(state, global_batch(local, mesh))
         step += 1
-        if step % log_every == 0 or step == total_steps or step == 1:
-            row: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
-            row.update(step=step, lr=float(schedule(step - 1)), seconds=time.perf_counter() - start)
-            row["data"] = {
-                name: {"seen": s["seen"], "used": s["used"], "skipped": s["skipped"]}
-                for name, s in batches.stats().items()
-            }
-            history.append(row)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        window_steps += 1
+        stopping = stop_after is not None and step - start_step >= stop_after
+        if step % config.logging.every == 0 or step == total_steps or stopping:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - window_start
+            row = {k: float(v) for k, v in metrics.items()}
+            samples = sum(sizes.values()) * window_steps
+            row.update(
+                lr=float(schedule(step - 1)),
+                samples_per_s=samples / elapsed,
+                tokens_per_s=flops["tokens"] * window_steps / elapsed,
+                mfu=flops["total"] * window_steps / elapsed / peak,
+                data_wait_fraction=wait / elapsed,
+                seconds=time.perf_counter() - run_start,
+                data={
+                    name: {k: s[k] for k in ("seen", "used", "skipped")}
+                    for name, s in batches.stats().items()
+                },
+            )
+            nonfinite = int(jax.device_get(state["nonfinite"]))
+            row["nonfinite_steps"] = nonfinite
+            if nonfinite and config.optim.nonfinite == "stop":
+                first = int(jax.device_get(state["first_nonfinite"]))
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {first} (the update was skipped); "
+                    "lower the LR, enable clipping, or set optim.nonfinite=skip to continue"
+                )
+            logger.write(step, row)
+            first_loss = row["loss"] if first_loss is None else first_loss
+            last = row
+            bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.1f}")
+            window_start, wait, window_steps = time.perf_counter(), 0.0, 0
         bar.update(1)
-        if step >= total_steps:
+        final = step == total_steps or stopping
+        ckpt.save(step, state, batches.state, config_dict, force=final)
+        every = config.logging.pictures_every
+        if final or (every and step % every == 0):
+            save_pictures(model, state["params"], pictures, mean, std, step, workdir_path, mesh)
+        if stopping:
             break
-    data.close()
     bar.close()
-    metrics_file.close()
-
-    pics = jax.jit(
-        lambda p, k: model.apply(
-            {"params": p},
-            **model_inputs(pictures, mean, std),
-            rngs={"noise": k},
-            method=M3AE.reconstruct,
-        )
-    )(params, jax.random.PRNGKey(config.seed + 1))
-    picture = save_reconstruction_grid(
-        workdir_path / f"reconstruction_{step}.png",
-        jax.device_get(pics),
-        np.asarray(mean),
-        np.asarray(std),
-    )
-    save_pretrained(workdir_path / "model", params, cfg, overwrite=True, step=step)
+    data.close()
+    ckpt.close()
+    logger.close()
+    params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(mesh))(state["params"]))
+    if is_main and step == total_steps:
+        save_pretrained(workdir_path / "model", params, cfg, overwrite=True, step=step)
     summary = {
         "steps": step,
-        "first_loss": history[0]["loss"],
-        "last_loss": history[-1]["loss"],
-        "seconds": time.perf_counter() - start,
-        "picture": str(picture),
+        "first_loss": first_loss,
+        "last_loss": last.get("loss"),
+        "seconds": time.perf_counter() - run_start,
         "model": str(workdir_path / "model"),
     }
-    (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main:
+        (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def save_pictures(model, params, pictures, mean, std, step: int, workdir: Path, mesh) -> Path:
+    """The reconstruction grid for the held-out pictures (fixed masks: the same every time)."""
+    pics = jax.jit(
+        lambda p: model.apply(
+            {"params": p},
+            **model_inputs(pictures, mean, std),
+            rngs={"noise": jax.random.PRNGKey(0)},
+            method=M3AE.reconstruct,
+        ),
+        out_shardings=replicated(mesh),
+    )(params)
+    path = workdir / f"reconstruction_{step:06d}.png"
+    if jax.process_index() == 0:
+        save_reconstruction_grid(path, jax.device_get(pics), np.asarray(mean), np.asarray(std))
+    return path

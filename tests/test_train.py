@@ -26,7 +26,7 @@ def small_config(shards, *extra):
 
 
 def test_train_local_recipe_runs(clipart_shards, tmp_path):
-    summary = train(small_config(clipart_shards), str(tmp_path), log_every=1)
+    summary = train(small_config(clipart_shards, "logging.every=1"), str(tmp_path))
     assert summary["steps"] == 4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -35,7 +35,10 @@ def test_train_local_recipe_runs(clipart_shards, tmp_path):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert rows[0]["lr"] < rows[1]["lr"]  # warm-up
     assert rows[-1]["data"]["paired"]["used"] >= 64
-    assert (tmp_path / "reconstruction_4.png").stat().st_size > 1000
+    assert (tmp_path / "reconstruction_000004.png").stat().st_size > 1000
+    for key in ("samples_per_s", "tokens_per_s", "mfu", "data_wait_fraction", "nonfinite_steps"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     model, params = load_pretrained(tmp_path / "model")
     assert model.emb_dim == 64 and "block_0" in params["encoder"]
 
@@ -49,8 +52,9 @@ def test_train_with_unpaired_streams(clipart_shards, tmp_path):
         f"data.text_only.urls={clipart_shards[2]}",
         "data.text_only.weight=1.0",
         "optim.epochs=1",
+        "logging.every=1",
     )
-    summary = train(config, str(tmp_path), log_every=1)
+    summary = train(config, str(tmp_path))
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["steps"] == 2
     assert {"paired/text_loss", "image_only/image_loss", "text_only/text_loss"} <= set(row)

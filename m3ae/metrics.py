@@ -1,0 +1,80 @@
+"""Where training metrics go: JSONL in the workdir (always), TensorBoard event files
+(tensorboardX), and Weights & Biases when a project is configured. Only process 0 writes.
+
+    logger = MetricsLogger(workdir, tensorboard=True, wandb_project="", config=config_dict)
+    logger.write(step, {"loss": 1.2, "data": {"paired": {"skipped": {...}}}})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested dicts -> `a/b/c` scalars (for TensorBoard and wandb)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        tensorboard: bool = True,
+        wandb_project: str = "",
+        config: dict[str, Any] | None = None,
+        resume: bool = False,
+    ):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._file = self._tb = self._wandb = None
+        if not self.enabled:
+            return
+        self._file = self.path.open("a" if resume else "w")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError(
+                    "logging.wandb_project is set but wandb is not installed: "
+                    "pip install 'm3ae[logging]'"
+                ) from e
+            self._wandb = wandb.init(
+                project=wandb_project, config=config, dir=str(workdir), resume="allow"
+            )
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+        scalars = flatten(metrics)
+        if self._tb is not None:
+            for name, value in scalars.items():
+                self._tb.add_scalar(name, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
