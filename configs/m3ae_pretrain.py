@@ -92,6 +92,11 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
         )
     )
 
+    # Evaluation hooks (m3ae/evaluate.py), every `every` steps and at the end.
+    c.eval = ml_collections.ConfigDict(
+        dict(every=100 if local else 2000, batches=4, hooks=("val_loss",))
+    )
+
     # Mesh axes (see m3ae/sharding.py); -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.checkpoint = ml_collections.ConfigDict(

@@ -27,6 +27,7 @@ import optax
 from tqdm import tqdm
 
 from m3ae.checkpoint import Checkpoints
+from m3ae.evaluate import EvalContext, run_hooks
 from m3ae.flops import measure_matmul_peak, step_flops
 from m3ae.metrics import MetricsLogger
 from m3ae.model import M3AE, model_config
@@ -263,7 +264,7 @@ def train(
         dynamic_ncols=True,
         disable=not is_main,
     )
-    step, first_loss, last = start_step, None, {}
+    step, first_loss, last, eval_cache = start_step, None, {}, {}
     window_start, wait, window_steps = time.perf_counter(), 0.0, 0
     run_start = time.perf_counter()
     while step < total_steps:
@@ -314,6 +315,23 @@ def train(
         every = config.logging.pictures_every
         if final or (every and step % every == 0):
             save_pictures(model, state["params"], pictures, mean, std, step, workdir_path, mesh)
+        if final or (config.eval.every and step % config.eval.every == 0):
+            ctx = EvalContext(
+                config,
+                model,
+                state["params"],
+                mesh,
+                step,
+                lambda b: model_inputs(b, mean, std),
+                eval_cache,
+            )
+            results = run_hooks(ctx)
+            if results:
+                logger.write(step, {"eval": results})
+                if is_main:
+                    bar.write(
+                        f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items())
+                    )
         if stopping:
             break
     bar.close()

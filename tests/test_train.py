@@ -28,8 +28,11 @@ def small_config(shards, *extra):
 def test_train_local_recipe_runs(clipart_shards, tmp_path):
     summary = train(small_config(clipart_shards, "logging.every=1"), str(tmp_path))
     assert summary["steps"] == 4
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rows = [r for r in map(json.loads, lines) if "loss" in r]
+    evals = [r for r in map(json.loads, lines) if "eval" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert evals[-1]["step"] == 4 and np.isfinite(evals[-1]["eval"]["val_loss/loss"])
     keys = ("loss", "paired/image_loss", "paired/text_loss", "paired/text_accuracy", "grad_norm")
     for key in (*keys, "lr"):
         assert all(np.isfinite(r[key]) for r in rows), key
@@ -55,7 +58,7 @@ def test_train_with_unpaired_streams(clipart_shards, tmp_path):
         "logging.every=1",
     )
     summary = train(config, str(tmp_path))
-    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    row = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][-2]
     assert summary["steps"] == 2
     assert {"paired/text_loss", "image_only/image_loss", "text_only/text_loss"} <= set(row)
     assert "image_only/text_loss" not in row and "text_only/image_loss" not in row

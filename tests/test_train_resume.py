@@ -39,7 +39,7 @@ def losses(workdir) -> dict[int, dict[str, float]]:
         for line in (Path(workdir) / "metrics.jsonl").read_text().split("\n")
         if line
     ]
-    return {r["step"]: {k: v for k, v in r.items() if "loss" in k} for r in rows}
+    return {r["step"]: {k: v for k, v in r.items() if "loss" in k} for r in rows if "loss" in r}
 
 
 def run_cli(workdir, args, env_extra=None, wait=True):
