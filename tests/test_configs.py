@@ -42,3 +42,27 @@ def test_overrides():
         apply_override(config, "optim.base_lr")
     with pytest.raises(FileNotFoundError):
         load_config("does_not_exist:local")
+
+
+@pytest.mark.parametrize("arg", ARGS["m3ae_pretrain"])
+def test_config_has_a_pulse(arg, clipart_shards, tmp_path):
+    """Two training steps of every shipped recipe, with its model shrunk to the tiny size."""
+    from m3ae.train import train
+
+    small = [
+        "model_size=tiny",
+        "model.patch_size=8",
+        "data.paired.urls=" + "::".join(clipart_shards[1:]),
+        f"data.val_urls={clipart_shards[0]}",
+        "data.image_size=32",
+        "data.text_length=16",
+        "data.workers=1",
+        "optim.batch_size=8",
+        "optim.steps=2",
+        "logging.every=1",
+        "logging.peak_flops=1e9",
+        "logging.tensorboard=False",
+        "eval.batches=1",
+    ]
+    summary = train(load_config(f"m3ae_pretrain:{arg}", small), str(tmp_path))
+    assert summary["steps"] == 2 and summary["last_loss"] > 0
