@@ -314,7 +314,17 @@ def train(
         ckpt.save(step, state, batches.state, config_dict, force=final)
         every = config.logging.pictures_every
         if final or (every and step % every == 0):
-            save_pictures(model, state["params"], pictures, mean, std, step, workdir_path, mesh)
+            save_pictures(
+                model,
+                state["params"],
+                pictures,
+                mean,
+                std,
+                step,
+                workdir_path,
+                mesh,
+                tokenizer_dir=config.data.tokenizer or None,
+            )
         if final or (config.eval.every and step % config.eval.every == 0):
             ctx = EvalContext(
                 config,
@@ -353,8 +363,22 @@ def train(
     return summary
 
 
-def save_pictures(model, params, pictures, mean, std, step: int, workdir: Path, mesh) -> Path:
-    """The reconstruction grid for the held-out pictures (fixed masks: the same every time)."""
+def save_pictures(
+    model,
+    params,
+    pictures,
+    mean,
+    std,
+    step: int,
+    workdir: Path,
+    mesh,
+    tokenizer_dir: str | None = None,
+) -> Path:
+    """The reconstruction grid for the held-out pictures (fixed masks: the same every time).
+
+    Paired pictures also get their captions and predicted masked words, decoded with the
+    tokenizer in `tokenizer_dir` (`config.data.tokenizer or None`; None = bundled BERT-uncased).
+    """
     pics = jax.jit(
         lambda p: model.apply(
             {"params": p},
@@ -366,5 +390,16 @@ def save_pictures(model, params, pictures, mean, std, step: int, workdir: Path, 
     )(params)
     path = workdir / f"reconstruction_{step:06d}.png"
     if jax.process_index() == 0:
-        save_reconstruction_grid(path, jax.device_get(pics), np.asarray(mean), np.asarray(std))
+        from pipelines.tokenizer import load_tokenizer  # transformers: only once pictures are due
+
+        text: dict[str, Any] = {}
+        if "text" in pictures:
+            text = {
+                "text": np.asarray(pictures["text"]),
+                "text_padding_mask": np.asarray(pictures["text_padding_mask"]),
+                "tokenizer": load_tokenizer(tokenizer_dir),  # cached: no reload every N steps
+            }
+        save_reconstruction_grid(
+            path, jax.device_get(pics), np.asarray(mean), np.asarray(std), **text
+        )
     return path
