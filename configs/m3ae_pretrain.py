@@ -72,6 +72,11 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
             caption_drop_rate=0.0,
             caption_drop_by_key=False,
             tokenizer="",  # a tokenizer directory; empty = the bundled BERT-uncased
+            streams_per_host=1,  # K round-robin sub-streams per host (each its own shards)
+            feeders="threads",  # or "ray": the K sub-streams in Ray actors (same batches)
+            feeder_cpus=1.0,  # Ray CPUs reserved per feeder actor
+            feeder_prefetch=2,  # batch requests in flight per feeder actor (bounds memory)
+            feeder_max_restarts=3,  # restarts of one dead feeder before the run fails
         )
     )
 

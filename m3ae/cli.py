@@ -25,6 +25,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from m3ae.launch import launch
+
+    summary = launch(
+        args.config,
+        args.overrides,
+        args.workdir,
+        address=args.address,
+        hosts=args.hosts,
+        cpus_per_host=args.cpus_per_host,
+        devices_per_host=args.devices_per_host,
+        accelerator=args.accelerator,
+        chips_per_host=args.chips_per_host,
+        max_failures=args.max_failures,
+        local_cpus=args.local_cpus,
+        object_store_mb=args.object_store_mb,
+    )
+    print(json.dumps(summary, indent=2))
+    print(f"workdir: {os.path.abspath(args.workdir)}")
+    return 0
+
+
 def _import_reference(args: argparse.Namespace) -> int:
     from m3ae.pretrained import save_pretrained
     from m3ae.reference_import import infer_config, read_reference, summarize, to_m3ae_params
@@ -60,6 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key (repeatable), e.g. --set optim.base_lr=1e-3",
     )
     p.set_defaults(func=_train)
+
+    p = verbs.add_parser(
+        "launch", help="run `train` on a Ray cluster (embedded local Ray by default)"
+    )
+    p.add_argument("--config", required=True, help="FILE.py[:ARG] or NAME[:ARG] in configs/")
+    p.add_argument("--workdir", required=True, help="output directory, reachable by every host")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)",
+    )
+    p.add_argument("--hosts", type=int, default=1, help="JAX processes (host actors)")
+    p.add_argument("--cpus-per-host", type=float, default=1.0)
+    p.add_argument("--devices-per-host", type=int, default=1, help="CPU devices per host process")
+    p.add_argument("--accelerator", choices=("cpu", "gpu", "tpu"), default="cpu")
+    p.add_argument("--chips-per-host", type=int, default=0, help="GPUs or TPU chips per host")
+    p.add_argument("--max-failures", type=int, default=2, help="host losses to recover from")
+    p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded Ray")
+    p.add_argument("--object-store-mb", type=int, default=512, help="embedded Ray object store")
+    p.set_defaults(func=_launch)
 
     p = verbs.add_parser("import-reference", help="convert original M3AE weights (npz or pkl)")
     p.add_argument("src", help="fixture-layout .npz (param/<path>) or a released .pkl checkpoint")

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from m3ae.model import M3AE
 from m3ae.transformer import stack_blocks, unstack_blocks
@@ -48,22 +49,30 @@ def save_pretrained(
     overwrite: bool = False,
     **extra: Any,
 ) -> Path:
-    """Write `config.json` (model kwargs + `extra` metadata) and the params under `params/`."""
+    """Write `config.json` (model kwargs + `extra` metadata) and the params under `params/`.
+
+    In a multi-process job every process must call this (Orbax synchronises the hosts); only
+    process 0 writes files.
+    """
     directory = Path(directory).absolute()
-    if (directory / "params").exists():
-        if not overwrite:
-            raise FileExistsError(f"{directory} already holds a pretrained model")
-        shutil.rmtree(directory / "params")
     unknown = set(config) - set(M3AE.__dataclass_fields__)
     if unknown:
         raise ValueError(f"config has keys that M3AE does not know: {sorted(unknown)}")
+    if (directory / "params").exists():
+        if not overwrite:
+            raise FileExistsError(f"{directory} already holds a pretrained model")
+        if jax.process_index() == 0:
+            shutil.rmtree(directory / "params")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"m3ae-save-pretrained-{directory}")
     directory.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, to_layout(dict(params), scan=False))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / "params", params)
     checkpointer.wait_until_finished()
-    meta = {"format": FORMAT, "model": dict(config), **extra}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if jax.process_index() == 0:
+        meta = {"format": FORMAT, "model": dict(config), **extra}
+        (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return directory
 
 

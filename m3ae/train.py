@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from m3ae.pictures import save_reconstruction_grid
 from m3ae.pretrained import save_pretrained
 from m3ae.sharding import global_batch, make_mesh, replicated, tree_shardings
 from pipelines.loader import Loader
-from pipelines.mix import MixedLoader, Prefetch, build_loaders
+from pipelines.mix import Batches, MixedLoader, Prefetch, build_loaders
 
 
 def normalize(images: jax.Array, mean: Any, std: Any) -> jax.Array:
@@ -175,12 +176,18 @@ def init_state(model: M3AE, tx, sample: dict[str, Any], seed: int):
 
 
 def train(
-    config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stop_after: int | None = None,
+    progress: bool = True,
+    batches: Iterable[Batches] | None = None,
 ) -> dict[str, Any]:
     """Pretrain as `config` says, resuming from `workdir`'s latest checkpoint if there is one.
 
     `stop_after` ends the run (with a checkpoint) after that many steps of this invocation, as a
-    preemption would. Returns a summary: steps, first / last loss, seconds, paths.
+    preemption would; `progress=False` hides the console bar (the launcher draws its own).
+    `batches` replaces the configured shards with any iterable of this process's `Batches`.
+    Returns a summary: steps, first / last loss, seconds, paths.
     """
     workdir_path = Path(workdir).expanduser().absolute()
     workdir_path.mkdir(parents=True, exist_ok=True)
@@ -222,21 +229,26 @@ def train(
         (workdir_path / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
 
-    loaders = build_loaders(
-        config.data,
-        config.optim.batch_size,
-        jax.process_index(),
-        jax.process_count(),
-        seed=config.seed,
-        state=data_state,
-    )
+    if batches is None:
+        loaders = build_loaders(
+            config.data,
+            config.optim.batch_size,
+            jax.process_index(),
+            jax.process_count(),
+            seed=config.seed,
+            state=data_state,
+        )
+        batches = MixedLoader(loaders)
+    data = Prefetch(batches, size=2)
+    iterator = iter(data)
+    peeked = next(iterator)  # the stream sizes, for FLOPs; it is also the first step's data
+    sizes = {name: len(b.keys) * jax.process_count() for name, b in peeked.batches.items()}
     step_fn = jax.jit(
         make_train_step(model, tx, config, mean, std),
         in_shardings=(shardings, None),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
     )
-    sizes = {name: ld.batch_size * jax.process_count() for name, ld in loaders.items()}
     flops = step_flops(cfg, config.data.image_size, config.data.text_length, sizes)
     peak = config.logging.peak_flops or measure_matmul_peak(cfg.get("dtype", "float32"))
     peak *= jax.device_count()
@@ -254,8 +266,6 @@ def train(
         config_dict,
         resume=start_step > 0,
     )
-    data = Prefetch(MixedLoader(loaders), size=2)
-    iterator = iter(data)
     bar = tqdm(
         total=total_steps,
         initial=start_step,
@@ -269,11 +279,11 @@ def train(
     run_start = time.perf_counter()
     while step < total_steps:
         t0 = time.perf_counter()
-        batches = next(iterator)
+        step_data, peeked = (peeked, None) if peeked is not None else (next(iterator), None)
         wait += time.perf_counter() - t0
         local = {
             name: {k: v for k, v in b.arrays.items() if k != "cls"}
-            for name, b in batches.batches.items()
+            for name, b in step_data.batches.items()
         }
         state, metrics = step_fn(state, global_batch(local, mesh))
         step += 1
@@ -285,6 +295,7 @@ def train(
             row = {k: float(v) for k, v in metrics.items()}
             samples = sum(sizes.values()) * window_steps
             row.update(
+                total_steps=total_steps,
                 lr=float(schedule(step - 1)),
                 samples_per_s=samples / elapsed,
                 tokens_per_s=flops["tokens"] * window_steps / elapsed,
@@ -293,7 +304,7 @@ def train(
                 seconds=time.perf_counter() - run_start,
                 data={
                     name: {k: s[k] for k in ("seen", "used", "skipped")}
-                    for name, s in batches.stats().items()
+                    for name, s in step_data.stats().items()
                 },
             )
             nonfinite = int(jax.device_get(state["nonfinite"]))
@@ -311,7 +322,7 @@ def train(
             window_start, wait, window_steps = time.perf_counter(), 0.0, 0
         bar.update(1)
         final = step == total_steps or stopping
-        ckpt.save(step, state, batches.state, config_dict, force=final)
+        ckpt.save(step, state, step_data.state, config_dict, force=final)
         every = config.logging.pictures_every
         if final or (every and step % every == 0):
             save_pictures(
@@ -349,7 +360,7 @@ def train(
     ckpt.close()
     logger.close()
     params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(mesh))(state["params"]))
-    if is_main and step == total_steps:
+    if step == total_steps:  # every process: Orbax synchronises the hosts
         save_pretrained(workdir_path / "model", params, cfg, overwrite=True, step=step)
     summary = {
         "steps": step,

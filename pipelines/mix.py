@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.feeders import RayFeederPool, SplitLoader, check_state
 from pipelines.loader import Batch, Loader
 
 STREAMS = {"paired": "paired", "image_only": "image", "text_only": "text"}
@@ -54,14 +55,23 @@ def build_loaders(
     seed: int = 0,
     state: dict[str, Any] | None = None,
     train: bool = True,
-) -> dict[str, Loader]:
-    """A `Loader` per active stream of the data config (`data.paired`, ...)."""
+) -> dict[str, Loader | SplitLoader | RayFeederPool]:
+    """A loader per active stream of the data config (`data.paired`, ...).
+
+    One `Loader` per stream by default; with `data.streams_per_host` K > 1 or `data.feeders` =
+    "ray", K round-robin sub-streams in threads (`SplitLoader`) or Ray actors (`RayFeederPool`),
+    which give the same batches (see `pipelines.feeders`).
+    """
     weights = {name: float(data[name].weight) if data[name].urls else 0.0 for name in STREAMS}
     sizes = split_batch(global_batch, weights, process_count)
-    loaders = {}
+    # .get: configs saved before these keys existed keep working.
+    streams = int(data.get("streams_per_host", 1))
+    feeders = data.get("feeders", "threads")
+    if feeders not in ("threads", "ray"):
+        raise ValueError(f"data.feeders must be 'threads' or 'ray', got {feeders!r}")
+    loaders: dict[str, Loader | SplitLoader | RayFeederPool] = {}
     for i, (name, size) in enumerate(sizes.items()):
-        loaders[name] = Loader(
-            data[name].urls,
+        kwargs = dict(
             kind=STREAMS[name],
             batch_size=size,
             image_size=data.image_size,
@@ -79,6 +89,20 @@ def build_loaders(
             process_count=process_count,
             state=(state or {}).get(name),
         )
+        if streams == 1 and feeders == "threads":
+            check_state(kwargs["state"], None)
+            loaders[name] = Loader(data[name].urls, **kwargs)
+        elif feeders == "threads":
+            loaders[name] = SplitLoader(data[name].urls, streams, **kwargs)
+        else:
+            loaders[name] = RayFeederPool(
+                data[name].urls,
+                streams,
+                cpus=float(data.get("feeder_cpus", 1.0)),
+                prefetch=int(data.get("feeder_prefetch", 2)),
+                max_restarts=int(data.get("feeder_max_restarts", 3)),
+                **kwargs,
+            )
     return loaders
 
 
