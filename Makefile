@@ -7,11 +7,12 @@ setup:
 	@bash scripts/setup.sh
 
 # The main job: write openclipart shards once (2,400 drawings at 64 px, 400 per shard; shard
-# 00000 is held out), then pretrain the `local` M3AE recipe on them.
+# 00000 is held out), then pretrain the `local` M3AE recipe on them, launched on an embedded
+# local Ray (one JAX host actor).
 DEMO_SHARDS := data/openclipart-64
 
 demo: setup $(DEMO_SHARDS)/stats.json
-	$(VENV)/m3ae train --config configs/m3ae_pretrain.py:local --workdir runs/demo
+	$(VENV)/m3ae launch --config configs/m3ae_pretrain.py:local --workdir runs/demo
 
 $(DEMO_SHARDS)/stats.json:
 	$(VENV)/m3ae shards --source openclipart --size 64 --limit 2400 --samples-per-shard 400 \
