@@ -42,7 +42,7 @@ UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "npy", "npz", "mp")
 @dataclass
 class Example:
     key: str
-    url: str
+    shard: str
     image: np.ndarray | None
     caption: str | None  # None when dropped or absent
     cls: int
@@ -80,7 +80,10 @@ def make_example(
         return raw.error
     members = raw.members
     meta: dict[str, Any] = {}
-    if "json" in members:
+    # The JSON member is parsed only when it must supply the caption or the class: it is pure
+    # Python work under the GIL, and img2dataset shards carry both as their own members.
+    needs_caption = kind in ("paired", "text") and "txt" not in members
+    if "json" in members and (needs_caption or "cls" not in members):
         try:
             meta = json.loads(members["json"].decode("utf-8"))
             meta = meta if isinstance(meta, dict) else {}
@@ -121,8 +124,7 @@ def make_example(
             image = preprocess(members[ext], image_size, train, rng, max_pixels, raw.key)
         except ImageError as e:
             return e.reason
-    url = meta.get("url") if isinstance(meta.get("url"), str) else None
-    return Example(raw.key, url or raw.shard, image, caption, cls)
+    return Example(raw.key, raw.shard, image, caption, cls)
 
 
 class Stats:

@@ -333,3 +333,21 @@ def test_preprocess():
         preprocess(data, 64, True, None, 10_000_000, "k")
     with pytest.raises(ImageError, match="k"):
         preprocess(data, 64, False, None, 1000, "k")
+
+
+def test_reduced_scale_jpeg_decoding_matches_full_decoding():
+    """Large JPEGs decode at 1/2..1/8 scale when the crop allows; the result barely changes."""
+    from pipelines.images import decode_image, preprocess, resize_center_crop, to_array
+
+    yy, xx = np.mgrid[0:600, 0:800]
+    pixels = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    full = to_array(resize_center_crop(decode_image(data), 64))
+    fast = preprocess(data, 64, train=False, rng=None)
+    assert fast.shape == full.shape == (64, 64, 3)
+    assert np.abs(fast.astype(int) - full.astype(int)).mean() < 4.0
+    a = preprocess(data, 64, train=True, rng=np.random.default_rng(0))
+    b = preprocess(data, 64, train=True, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(a, b)
