@@ -272,7 +272,7 @@ def train(
         desc="train",
         unit="step",
         dynamic_ncols=True,
-        disable=not is_main,
+        disable=not (is_main and progress),
     )
     step, first_loss, last, eval_cache = start_step, None, {}, {}
     window_start, wait, window_steps = time.perf_counter(), 0.0, 0
