@@ -1,0 +1,120 @@
+"""The jitted training step: M3AE losses over every stream, gradient accumulation, AdamW, a
+guard against non-finite steps, and the initial state.
+
+    step = make_train_step(model, tx, config, mean, std)   # (state, batches) -> (state, metrics)
+    init, rng = init_state(model, tx, sample_inputs, seed)  # init(rng) -> state
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from m3ae.model import M3AE
+
+
+def normalize(images: jax.Array, mean: Any, std: Any) -> jax.Array:
+    """uint8 `(B, H, W, 3)` -> float32 normalized; done on device (4x less to transfer)."""
+    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+def model_inputs(batch: dict[str, Any], mean: Any, std: Any) -> dict[str, Any]:
+    """A stream's arrays -> M3AE keyword arguments (absent modalities left out)."""
+    kwargs: dict[str, Any] = {}
+    if "image" in batch:
+        kwargs["image"] = normalize(batch["image"], mean, std)
+    if "text" in batch:
+        kwargs["text"] = batch["text"]
+        kwargs["text_padding_mask"] = batch["text_padding_mask"]
+    return kwargs
+
+
+def accumulate(grad_fn, params, micro, key, accum: int):
+    """Mean loss, metrics and gradients over micro-batches; a scan keeps memory flat."""
+
+    def body(carry, xs):
+        i, batch = xs
+        (loss, metrics), grads = grad_fn(params, batch, jax.random.fold_in(key, i))
+        return jax.tree.map(lambda c, o: c + o / accum, carry, (loss, metrics, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    (loss, metrics), grads = jax.eval_shape(lambda: grad_fn(params, first, key))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, metrics, grads))
+    (loss, metrics, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+    return (loss, metrics), grads
+
+
+def make_train_step(model: M3AE, tx: optax.GradientTransformation, config, mean, std):
+    """`step(state, batches) -> (state, metrics)`, with gradient accumulation and a NaN guard."""
+    accum = int(config.optim.grad_accum_steps)
+
+    def loss_fn(params, batches, key):
+        total, metrics = jnp.zeros(()), {}
+        for i, (name, batch) in enumerate(sorted(batches.items())):
+            out = model.apply(
+                {"params": params},
+                **model_inputs(batch, mean, std),
+                rngs={"noise": jax.random.fold_in(key, i)},
+            )
+            total = total + out["loss"]
+            for k in ("image_loss", "text_loss", "text_accuracy"):
+                if k in out:
+                    metrics[f"{name}/{k}"] = out[k]
+        return total, metrics
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batches):
+        rng, key = jax.random.split(state["rng"])
+        if accum == 1:
+            (loss, metrics), grads = grad_fn(state["params"], batches, key)
+        else:
+            # (B, ...) -> (accum, B / accum, ...): micro-batch j takes rows j, j+accum, ...
+            # so every micro-batch keeps the batch sharding of the full batch.
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+                batches,
+            )
+            (loss, metrics), grads = accumulate(grad_fn, state["params"], micro, key, accum)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # A non-finite step never touches the weights: the update is dropped and counted.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = {
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "step": state["step"] + 1,
+            "rng": rng,
+            "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
+            "first_nonfinite": jnp.where(
+                (state["first_nonfinite"] < 0) & ~finite,
+                state["step"] + 1,
+                state["first_nonfinite"],
+            ),
+        }
+        return new_state, {"loss": loss, "grad_norm": grad_norm, **metrics}
+
+    return step
+
+
+def init_state(model: M3AE, tx, sample: dict[str, Any], seed: int):
+    """`init(rng) -> state`; traced by shape first, then run with the state's shardings."""
+
+    def init(rng):
+        init_rng, rng = jax.random.split(rng)
+        params = model.init({"params": init_rng, "noise": init_rng}, **sample)["params"]
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": rng,
+            "nonfinite": jnp.zeros((), jnp.int32),
+            "first_nonfinite": jnp.full((), -1, jnp.int32),
+        }
+
+    return init, jax.random.PRNGKey(seed)
