@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_import_reference)
 
+    from m3ae.embed import add_embed_command
     from pipelines.shard_writer import add_shards_command
 
     add_shards_command(verbs)
+    add_embed_command(verbs)
     return parser
 
 

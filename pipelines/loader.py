@@ -178,6 +178,7 @@ class Loader:
         process_count: int | None = None,
         state: dict[str, Any] | None = None,
         snapshot_every: int = 256,
+        drop_remainder: bool = True,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -203,6 +204,8 @@ class Loader:
             epochs=epochs,
         )
         self.snapshot_every = max(1, int(snapshot_every))
+        # Training wants fixed shapes; a finite pass (evaluation, embedding) wants every sample.
+        self.drop_remainder = bool(drop_remainder)
         self.stats = Stats(state["stats"] if state else None)
         self.batches = int(state["batches"]) if state else 0
         if state:
@@ -282,6 +285,10 @@ class Loader:
                     self._collate(examples), [e.key for e in examples], self.state_at(n + 1)
                 )
                 examples = []
+        if examples and not self.drop_remainder:
+            self.batches += 1
+            keys = [e.key for e in examples]
+            yield Batch(self._collate(examples), keys, self.state_at(self._emitted))
 
     def _collate(self, examples: list[Example]) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {"cls": np.asarray([e.cls for e in examples], np.int32)}

@@ -1,0 +1,266 @@
+"""The embedding engine behind `m3ae embed`: one worker (the driver, or a Ray actor) that holds
+the model once, encodes a partition's batches sharded over its local devices, and writes the
+partition's `.npy` / `.parquet` files atomically. Planning, the manifest and the CLI are in
+`m3ae/embed.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from m3ae.model import M3AE
+from m3ae.pretrained import load_pretrained
+from m3ae.step import model_inputs
+from pipelines.loader import Example, Loader, Stats, make_example
+from pipelines.shards import RawSample
+from pipelines.tokenizer import load_tokenizer, tokenize
+
+PREFIX = {"image": "img", "text": "text", "joint": "joint"}
+MODEL_INPUTS = ("image", "text", "text_padding_mask")
+MAX_PIXELS = 50_000_000  # the Loader's default
+
+Batches = Iterator[tuple[dict[str, np.ndarray], dict[str, list]]]  # (model inputs, metadata)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run computes; shipped to Ray actors, and (less the speed knobs) in the manifest."""
+
+    model_dir: str
+    kinds: tuple[str, ...]
+    pool: str
+    normalize: bool
+    dtype: str
+    image_size: int
+    text_length: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    tokenizer: str | None
+    batch_size: int = 64
+    workers: int = 4
+
+
+@dataclass(frozen=True)
+class Partition:
+    index: int
+    source: str  # the shard URL, or a digest of a chunk of files
+    files: tuple[tuple[str, str], ...] = ()  # (key, path) of a file chunk; empty for a shard
+
+
+def partition_files(out: Path, index: int, kinds: Iterable[str]) -> list[Path]:
+    files = [out / f"{PREFIX[k]}_emb" / f"{PREFIX[k]}_emb_{index}.npy" for k in kinds]
+    return [*files, out / "metadata" / f"metadata_{index}.parquet"]
+
+
+def _forward(model: M3AE, s: Settings, params: Any, batch: dict[str, jax.Array]) -> dict:
+    inputs = model_inputs(batch, s.mean, s.std)
+    image = {k: v for k, v in inputs.items() if k == "image"}
+    text = {k: v for k, v in inputs.items() if k != "image"}
+    parts = {"image": image, "text": text, "joint": {**image, **text}}
+    out = {}
+    for kind in s.kinds:
+        pooled, _ = model.apply({"params": params}, **parts[kind], pool=s.pool, method=M3AE.encode)
+        pooled = pooled.astype(jnp.float32)  # normalise before rounding to float16
+        if s.normalize:
+            pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        out[kind] = pooled.astype(s.dtype)  # cast on device: half the bytes to copy back
+    return out
+
+
+def padded_size(n: int, batch_size: int, devices: int) -> int:
+    """Rows to run `n` samples as: a power-of-two bucket (so a last partial batch per partition
+    compiles one of log2(batch_size) shapes, not a new one each time), a multiple of `devices`."""
+    bucket = batch_size if n >= batch_size else min(batch_size, 1 << max(0, n - 1).bit_length())
+    return -(-bucket // devices) * devices
+
+
+def _fetch(out: dict[str, jax.Array], n: int) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[:n] for k, v in out.items()}  # waits; drops the padding rows
+
+
+class _CaptionLoader(Loader):
+    """The Loader, also handing out each sample's caption for the metadata."""
+
+    def _collate(self, examples: list[Example]) -> dict[str, np.ndarray]:
+        arrays = super()._collate(examples)
+        arrays["caption"] = np.asarray([e.caption for e in examples], dtype=object)
+        return arrays
+
+
+class Embedder:
+    """The model on this process's local devices; `run(partition)` writes one partition."""
+
+    def __init__(self, settings: Settings, out_dir: str):
+        self.s, self.out = settings, Path(out_dir)
+        model, params = load_pretrained(settings.model_dir)
+        devices = jax.local_devices()
+        mesh = Mesh(np.asarray(devices), ("batch",))
+        self.devices, self.rows = len(devices), NamedSharding(mesh, P("batch"))
+        self.dim, every = model.emb_dim, NamedSharding(mesh, P())
+        self.params = jax.device_put(params, every)
+        self.forward = jax.jit(partial(_forward, model, settings), in_shardings=(every, self.rows))
+        kinds = set(settings.kinds)
+        needs_image, self.needs_text = bool(kinds - {"text"}), bool(kinds - {"image"})
+        both = needs_image and self.needs_text
+        self.loader_kind = "paired" if both else ("image" if needs_image else "text")
+        self.tokenizer = load_tokenizer(settings.tokenizer) if self.needs_text else None
+        for path in partition_files(self.out, 0, settings.kinds):
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def dispatch(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, jax.Array], int]:
+        """Start the forward pass of n samples, split over the devices: `(kind -> rows, n)`.
+        Returns without waiting, so the host prepares the next batch while the devices work."""
+        n = len(next(iter(arrays.values())))
+        extra = padded_size(n, self.s.batch_size, self.devices) - n
+        # Padding repeats the last row: a valid input, dropped again after the copy back.
+        pad = lambda v: np.pad(v, [(0, extra)] + [(0, 0)] * (v.ndim - 1), mode="edge")
+        batch = {k: pad(v) for k, v in arrays.items() if k in MODEL_INPUTS}
+        return self.forward(self.params, jax.device_put(batch, self.rows)), n
+
+    def embed_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Model inputs of n samples -> `kind -> (n, D)` numpy arrays."""
+        return _fetch(*self.dispatch(arrays))
+
+    def _shard(self, part: Partition) -> tuple[Batches, Stats]:
+        loader = _CaptionLoader(
+            [part.source],
+            kind=self.loader_kind,
+            batch_size=self.s.batch_size,
+            image_size=self.s.image_size,
+            text_length=self.s.text_length,
+            train=False,
+            epochs=1,
+            workers=self.s.workers,
+            tokenizer=self.s.tokenizer,
+            process_index=0,
+            process_count=1,
+            drop_remainder=False,
+        )
+
+        def batches() -> Batches:
+            for batch in loader:
+                a, n = batch.arrays, len(batch.keys)
+                meta = {"key": batch.keys, "url": [part.source] * n, "label": a["cls"].tolist()}
+                yield a, {**meta, "caption": list(a["caption"])}
+
+        return batches(), loader.stats
+
+    def _read_file(self, item: tuple[str, str]) -> Example | str:
+        """One image file (and its sibling caption) through the Loader's own decoding."""
+        key, path = item
+        members = {}
+        try:
+            members[Path(path).suffix.lower().lstrip(".")] = Path(path).read_bytes()
+            caption = Path(path).with_suffix(".txt")
+            if caption.is_file():
+                members["txt"] = caption.read_bytes()
+        except OSError:
+            return "unreadable_file"
+        sample = RawSample(key, path, 0, members)
+        size, kind = self.s.image_size, self.loader_kind
+        return make_example(sample, kind, size, False, None, MAX_PIXELS, drop_caption=False)
+
+    def _files(self, part: Partition) -> tuple[Batches, Stats]:
+        stats = Stats()  # the Loader's accounting: seen = used + sum(skipped)
+
+        def collate(good: list[Example]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+            arrays, captions = {}, [e.caption for e in good]
+            if self.loader_kind != "text":
+                arrays["image"] = np.stack([e.image for e in good])
+            if self.needs_text:
+                ids, pad = tokenize(captions, self.s.text_length, self.tokenizer)
+                arrays["text"], arrays["text_padding_mask"] = ids, pad
+            meta = {"key": [e.key for e in good], "url": [e.shard for e in good]}
+            return arrays, {**meta, "caption": captions, "label": [e.cls for e in good]}
+
+        def results() -> Iterator[Example | str]:
+            window: deque = deque()  # decoded ahead in order, with bounded memory
+            with ThreadPoolExecutor(max(1, self.s.workers)) as pool:
+                for item in part.files:
+                    window.append(pool.submit(self._read_file, item))
+                    if len(window) > 2 * self.s.batch_size:
+                        yield window.popleft().result()
+                while window:
+                    yield window.popleft().result()
+
+        def batches() -> Batches:
+            good: list[Example] = []
+            for result in results():
+                stats.count(part.source, result if isinstance(result, str) else None)
+                good += [] if isinstance(result, str) else [result]
+                if len(good) == self.s.batch_size:
+                    yield collate(good)
+                    good = []
+            if good:
+                yield collate(good)
+
+        return batches(), stats
+
+    def run(self, part: Partition, tick: Callable[[int], Any] | None = None) -> dict[str, Any]:
+        """Embed and write one partition; returns its manifest record."""
+        start, tick = time.perf_counter(), tick or (lambda n: None)
+        pending: deque[tuple[dict[str, jax.Array], int]] = deque()
+        rows: list[dict[str, np.ndarray]] = []
+        meta: dict[str, list] = {"key": [], "url": [], "caption": [], "label": []}
+        batches, stats = self._files(part) if part.files else self._shard(part)
+        seen = 0
+        for arrays, batch_meta in batches:
+            pending.append(self.dispatch(arrays))
+            if len(pending) > 2:  # two batches in flight: overlap, with bounded device memory
+                rows.append(_fetch(*pending.popleft()))
+            for name, values in batch_meta.items():
+                meta[name].extend(values)
+            tick(stats.seen - seen)
+            seen = stats.seen
+        tick(stats.seen - seen)  # samples skipped after the last batch
+        rows += [_fetch(*p) for p in pending]
+        empty = np.zeros((0, self.dim), self.s.dtype)
+        arrays = {k: np.concatenate([r[k] for r in rows]) if rows else empty for k in self.s.kinds}
+        self._write(part.index, arrays, meta)
+        return {
+            "index": part.index,
+            "source": part.source,
+            "rows": len(meta["key"]),
+            "seen": stats.seen,
+            "skipped": dict(stats.skipped),
+            "seconds": round(time.perf_counter() - start, 3),
+            "worker": f"{socket.gethostname()}:{os.getpid()}",  # which process wrote it
+        }
+
+    def _write(self, index: int, rows: dict[str, np.ndarray], meta: dict[str, list]) -> None:
+        import pyarrow as pa  # a dependency of this command only
+        import pyarrow.parquet as pq
+
+        paths = partition_files(self.out, index, self.s.kinds)
+        temps = [p.with_name(f".{p.name}.tmp{os.getpid()}") for p in paths]
+        for kind, tmp in zip(self.s.kinds, temps, strict=False):
+            with open(tmp, "wb") as f:
+                np.save(f, rows[kind])
+        text = pa.string()
+        types = {"key": text, "url": text, "caption": text, "label": pa.int64()}
+        pq.write_table(pa.table({k: pa.array(meta[k], t) for k, t in types.items()}), temps[-1])
+        # Renamed only once every file is complete: a crash never leaves a finished-looking file.
+        for tmp, path in zip(temps, paths, strict=True):
+            os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

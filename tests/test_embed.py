@@ -1,0 +1,205 @@
+"""`m3ae embed` on real shards and files: layout, alignment with the model, resume, Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from m3ae.embed import embed
+from m3ae.embedder import padded_size
+from m3ae.model import M3AE, model_config
+from m3ae.pretrained import load_pretrained, save_pretrained
+from m3ae.step import normalize
+from pipelines.images import CC12M_MEAN, CC12M_STD
+from pipelines.loader import Loader
+
+KINDS = {"image": "img", "text": "text", "joint": "joint"}
+# 24 samples a shard: one padded batch of 32 each, so a run compiles one shape.
+FAST = dict(batch_size=32, workers=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    cfg = model_config("tiny")
+    x = dict(image=jax.numpy.zeros((1, 32, 32, 3)), text=jax.numpy.zeros((1, 16), int))
+    # The encoder's parameters are all that embedding reads (and 3x faster to initialise).
+    params = M3AE(**cfg).init(jax.random.PRNGKey(0), **x, method=M3AE.encode)["params"]
+    # The extras set the embedding defaults: 32 px images, 16 tokens.
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    return save_pretrained(path, params, cfg, step=5, image_size=32, text_length=16)
+
+
+@pytest.fixture(scope="module")
+def embedded(model_dir, clipart_shards, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("emb") / "out"
+    return out, embed(model_dir, clipart_shards, out, **FAST)
+
+
+def load(out: Path, i: int, kinds=tuple(KINDS)) -> dict:
+    arrays = {k: np.load(out / f"{KINDS[k]}_emb" / f"{KINDS[k]}_emb_{i}.npy") for k in kinds}
+    return {**arrays, "meta": pq.read_table(out / "metadata" / f"metadata_{i}.parquet").to_pydict()}
+
+
+def reference(model_dir, shards, keys: set[str], pool: str = "cls") -> dict[str, dict]:
+    """The features of `keys` straight from `M3AE.encode` (no padding, sharding or casts)."""
+    model, params = load_pretrained(model_dir)
+    kw = dict(kind="paired", batch_size=1, image_size=32, text_length=16, train=False, epochs=1)
+    loader = Loader(shards, **kw, workers=0, process_index=0, process_count=1)
+    picked = [b for b in loader if b.keys[0] in keys]
+    a = {k: np.concatenate([b.arrays[k] for b in picked]) for k in picked[0].arrays}
+    image = {"image": normalize(a["image"], CC12M_MEAN, CC12M_STD)}
+    text = {"text": a["text"], "text_padding_mask": a["text_padding_mask"]}
+    out = {}
+    for kind, x in (("image", image), ("text", text), ("joint", {**image, **text})):
+        out[kind] = np.asarray(
+            model.apply({"params": params}, **x, pool=pool, method=M3AE.encode)[0]
+        )
+    return {b.keys[0]: {k: out[k][i] for k in out} for i, b in enumerate(picked)}
+
+
+def test_layout_rows_and_alignment(embedded, model_dir, clipart_shards):
+    out, summary = embedded
+    n = len(clipart_shards)
+    expected = {"manifest.json"} | {f"metadata/metadata_{i}.parquet" for i in range(n)}
+    expected |= {f"{p}_emb/{p}_emb_{i}.npy" for p in KINDS.values() for i in range(n)}
+    assert {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()} == expected
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finished"] == list(range(n)) and manifest["complete"]
+    assert manifest["step"] == 5 and manifest["checkpoint"] == str(model_dir)
+    assert manifest["dims"] == {"image": 64, "text": 64, "joint": 64}
+    s = manifest["settings"]
+    assert (s["image_size"], s["text_length"], s["pool"], s["dtype"]) == (32, 16, "cls", "float16")
+    assert summary["computed"] == list(range(n))
+    rows, keys = 0, set()
+    for i, shard in enumerate(clipart_shards):
+        part = load(out, i)
+        m = part["meta"]
+        assert {len(part[k]) for k in KINDS} == {len(m["key"])}
+        assert all(part[k].dtype == np.float16 and part[k].shape[1] == 64 for k in KINDS)
+        assert set(m["url"]) == {shard} and all(m["caption"]) and min(m["label"]) >= -1
+        for k in KINDS:
+            np.testing.assert_allclose(np.linalg.norm(part[k].astype(np.float32), axis=1), 1, 2e-3)
+        rows += len(m["key"])
+        keys |= set(m["key"][:2] + m["key"][-1:])  # the ends of every partition
+    c = manifest["counts"]
+    assert rows == c["rows"] == c["seen"] - sum(c["skipped"].values())
+    want = reference(model_dir, clipart_shards, keys)
+    for i in range(n):
+        part = load(out, i)
+        for row, key in enumerate(part["meta"]["key"]):
+            for k in KINDS if key in want else ():
+                w = want[key][k] / np.linalg.norm(want[key][k])
+                np.testing.assert_allclose(part[k][row].astype(np.float32), w, atol=2e-3)
+
+
+def test_float32_mean_pool_without_normalisation(model_dir, clipart_shards, tmp_path):
+    shards = clipart_shards[:1]
+    kw = dict(kinds="joint,image", pool="mean", normalize=False, dtype="float32")
+    embed(model_dir, shards, tmp_path, **kw, **FAST)
+    part = load(tmp_path, 0, ("image", "joint"))
+    assert not (tmp_path / "text_emb").exists()
+    want = reference(model_dir, shards, set(part["meta"]["key"][-3:]), pool="mean")
+    for row, key in enumerate(part["meta"]["key"]):
+        for k in ("image", "joint") if key in want else ():
+            assert part[k].dtype == np.float32
+            np.testing.assert_allclose(part[k][row], want[key][k], atol=1e-4, rtol=1e-4)
+
+
+def test_resume_recomputes_only_missing_partitions(embedded, model_dir, clipart_shards, tmp_path):
+    src, _ = embedded
+    out = tmp_path / "out"
+    shutil.copytree(src, out)  # copy2 keeps the mtimes
+    (out / "text_emb" / "text_emb_1.npy").unlink()  # a lost file
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["partitions"]["2"]  # a crash after the renames, before the manifest update
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = {f: f.stat().st_mtime_ns for f in out.rglob("*_[03].*")}
+    summary = embed(model_dir, clipart_shards, out, **FAST)
+    assert summary["computed"] == [1, 2] and summary["finished"] == [0, 1, 2, 3]
+    assert before == {f: f.stat().st_mtime_ns for f in out.rglob("*_[03].*")}
+    for i in range(len(clipart_shards)):
+        a, b = load(src, i), load(out, i)
+        assert a["meta"] == b["meta"]
+        for k in KINDS:
+            np.testing.assert_array_equal(a[k], b[k])
+    with pytest.raises(ValueError, match="another settings"):
+        embed(model_dir, clipart_shards, out, pool="mean", **FAST)
+
+
+def test_folder_and_file_list_skip_corrupt_images(model_dir, clipart_shards, tmp_path):
+    images = tmp_path / "images"
+    with tarfile.open(clipart_shards[0]) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith((".jpg", ".txt"))][:8]
+        for j, m in enumerate(members):  # 4 (jpg, txt) pairs, two of them in a subfolder
+            sub = "sub/" if j // 2 % 2 else ""
+            (images / sub).mkdir(parents=True, exist_ok=True)
+            (images / sub / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (images / "corrupt.txt").write_text("a broken picture")
+    (images / "nocaption.png").write_bytes((images / "corrupt.jpg").read_bytes())
+    summary = embed(model_dir, images, tmp_path / "a", partition_size=2, kinds="image,text", **FAST)
+    assert summary["inputs"] == "files" and summary["finished"] == [0, 1, 2]
+    assert summary["counts"] == {
+        "rows": 4,
+        "seen": 6,
+        "skipped": {"missing_caption": 1, "undecodable": 1},
+    }
+    keys = [k for i in range(3) for k in load(tmp_path / "a", i, ("image",))["meta"]["key"]]
+    assert len(keys) == 4 and sum(k.startswith("sub/") for k in keys) == 2
+    listing = sorted(str(p.relative_to(images)) for p in images.rglob("*.jpg"))
+    (images / "files.txt").write_text("\n".join(listing) + "\n")
+    listed = embed(model_dir, images / "files.txt", tmp_path / "b", kinds="image,text", **FAST)
+    assert listed["counts"] == {"rows": 4, "seen": 5, "skipped": {"undecodable": 1}}
+    a, b = load(tmp_path / "a", 0, ("image",)), load(tmp_path / "b", 0, ("image",))
+    np.testing.assert_array_equal(a["image"], b["image"][: len(a["image"])])
+
+
+def test_ray_actor_pool_matches_plain_loop(embedded, model_dir, clipart_shards, tmp_path):
+    ray = pytest.importorskip("ray")
+    src, _ = embedded
+    ray.init(
+        address="local",  # a fresh instance, never a cluster some other test started
+        num_cpus=2,
+        object_store_memory=100 * 1024**2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+    )
+    try:
+        summary = embed(model_dir, clipart_shards[:2], tmp_path, actors=2, **FAST)
+    finally:
+        ray.shutdown()
+    assert sorted(summary["computed"]) == summary["finished"] == [0, 1]
+    workers = {r["worker"].split(":")[-1] for r in summary["partitions"].values()}
+    assert len(workers) == 2 and str(os.getpid()) not in workers  # one partition per actor
+    for i in range(2):
+        a, b = load(src, i), load(tmp_path, i)
+        assert a["meta"] == b["meta"]
+        for k in KINDS:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_batches_split_over_three_devices(embedded, model_dir, clipart_shards, tmp_path):
+    assert [padded_size(n, 16, 3) for n in (16, 23, 7, 1)] == [18, 18, 9, 3]
+    assert [padded_size(n, 64, 1) for n in (64, 33, 5, 1)] == [64, 64, 8, 1]
+    src, _ = embedded
+    code = (
+        "import sys, jax; from m3ae.embed import embed; assert jax.local_device_count() == 3; "
+        "embed(*sys.argv[1:], kinds='image,joint', batch_size=16, progress=False)"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    args = [sys.executable, "-c", code, str(model_dir), clipart_shards[3], str(tmp_path)]
+    subprocess.run(args, env=env, check=True, timeout=300)
+    a, b = load(src, 3), load(tmp_path, 0, ("image", "joint"))  # 23 rows: 16 + 7, padded
+    assert a["meta"] == b["meta"]
+    for k in ("image", "joint"):
+        np.testing.assert_allclose(a[k].astype(np.float32), b[k].astype(np.float32), atol=2e-3)
