@@ -164,7 +164,7 @@ class _RoundRobin:
             if batch is None:  # the scheduled sub-stream ended (finite epochs): so do we
                 return
             self._last[k], self._next = batch.state, (k + 1) % self.streams
-            yield Batch(batch.arrays, batch.keys, self.state())
+            yield Batch(batch.arrays, batch.keys, self.state(), batch.urls)
 
 
 class SplitLoader(_RoundRobin):
@@ -190,7 +190,14 @@ class Feeder:
         """Up to `n` batches as dicts; fewer means the sub-stream has ended."""
         out: list[dict[str, Any]] = []
         for batch in self._batches if n > 0 else ():
-            out.append({"arrays": batch.arrays, "keys": batch.keys, "state": batch.state})
+            out.append(
+                {
+                    "arrays": batch.arrays,
+                    "keys": batch.keys,
+                    "state": batch.state,
+                    "urls": batch.urls,
+                }
+            )
             if len(out) == n:
                 break
         return out
@@ -267,7 +274,7 @@ class RayFeederPool(_RoundRobin):
                 self._inflight[k].clear()
             self._fill(k)
         item = self._ready[k].popleft()
-        return Batch(item["arrays"], item["keys"], item["state"])
+        return Batch(item["arrays"], item["keys"], item["state"], item["urls"])
 
     def _kill(self, k: int) -> None:
         if self.actors[k] is not None:

@@ -23,7 +23,7 @@ import json
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ class Example:
     image: np.ndarray | None
     caption: str | None  # None when dropped or absent
     cls: int
+    url: str | None = None  # the source url from the sample's json, else its shard
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Batch:
     arrays: dict[str, np.ndarray]
     keys: list[str]
     state: dict[str, Any]  # restore with Loader(..., state=batch.state) to continue after it
+    urls: list[str] = field(default_factory=list)  # per row, for metadata
 
 
 def caption_dropped(key: str, rate: float, seed: int) -> bool:
@@ -80,10 +82,7 @@ def make_example(
         return raw.error
     members = raw.members
     meta: dict[str, Any] = {}
-    # The JSON member is parsed only when it must supply the caption or the class: it is pure
-    # Python work under the GIL, and img2dataset shards carry both as their own members.
-    needs_caption = kind in ("paired", "text") and "txt" not in members
-    if "json" in members and (needs_caption or "cls" not in members):
+    if "json" in members:  # img2dataset metadata: the source url, maybe caption and class
         try:
             meta = json.loads(members["json"].decode("utf-8"))
             meta = meta if isinstance(meta, dict) else {}
@@ -124,7 +123,8 @@ def make_example(
             image = preprocess(members[ext], image_size, train, rng, max_pixels, raw.key)
         except ImageError as e:
             return e.reason
-    return Example(raw.key, raw.shard, image, caption, cls)
+    url = meta.get("url") if isinstance(meta.get("url"), str) else None
+    return Example(raw.key, raw.shard, image, caption, cls, url or raw.shard)
 
 
 class Stats:
@@ -281,14 +281,13 @@ class Loader:
             examples.append(result)
             if len(examples) == self.batch_size:
                 self.batches += 1
-                yield Batch(
-                    self._collate(examples), [e.key for e in examples], self.state_at(n + 1)
-                )
+                keys, urls = [e.key for e in examples], [e.url for e in examples]
+                yield Batch(self._collate(examples), keys, self.state_at(n + 1), urls)
                 examples = []
         if examples and not self.drop_remainder:
             self.batches += 1
-            keys = [e.key for e in examples]
-            yield Batch(self._collate(examples), keys, self.state_at(self._emitted))
+            keys, urls = [e.key for e in examples], [e.url for e in examples]
+            yield Batch(self._collate(examples), keys, self.state_at(self._emitted), urls)
 
     def _collate(self, examples: list[Example]) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {"cls": np.asarray([e.cls for e in examples], np.int32)}

@@ -57,6 +57,8 @@ def test_paired_batches_have_fixed_shapes(clipart):
     assert a["text"].shape == (8, 16) and a["text"].dtype == np.int32
     assert a["text_padding_mask"].shape == (8, 16) and (a["text_padding_mask"][:, 0] == 0).all()
     assert (a["cls"] >= 0).all() and len(set(batch.keys)) == 8
+    # The source of each row (the svg path that `m3ae shards` stored as the url) is kept.
+    assert len(batch.urls) == 8 and all(u.endswith(".svg") for u in batch.urls)
 
 
 def test_workers_do_not_change_batches(clipart):
