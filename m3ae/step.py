@@ -81,13 +81,20 @@ def make_train_step(model: M3AE, tx: optax.GradientTransformation, config, mean,
             (loss, metrics), grads = accumulate(grad_fn, state["params"], micro, key, accum)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        # A non-finite step never touches the weights: the update is dropped and counted.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+        def update(_):
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            return optax.apply_updates(state["params"], updates), opt_state
+
+        # A non-finite step never touches the weights: the update is dropped and counted. A
+        # conditional, not an elementwise select over every parameter and moment, which would
+        # cost a full extra pass over the optimizer state each step.
+        params, opt_state = jax.lax.cond(
+            finite, update, lambda _: (state["params"], state["opt_state"]), None
+        )
         new_state = {
-            "params": keep(params, state["params"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
+            "params": params,
+            "opt_state": opt_state,
             "step": state["step"] + 1,
             "rng": rng,
             "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
