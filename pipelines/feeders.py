@@ -29,6 +29,8 @@ from pipelines.loader import Batch, Loader, Stats
 from pipelines.shards import expand_urls, host_shards
 
 log = logging.getLogger(__name__)
+# A feeder that has produced nothing for this long is stuck (typically: never placed).
+FEEDER_TIMEOUT_S = 600
 
 RAY_NOT_INITIALIZED = (
     "data.feeders='ray' needs a running Ray cluster, but ray.is_initialized() is False: "
@@ -226,6 +228,7 @@ class RayFeederPool(_RoundRobin):
         self.max_restarts = int(max_restarts)
         # max_restarts=0: Ray's own restart would replay from the initial state, we know better.
         self._cls = ray.remote(Feeder).options(num_cpus=cpus, max_restarts=0, max_task_retries=0)
+        self._cpus = cpus
         self.actors: list[Any] = [None] * self.streams
         self.restarts = [0] * self.streams
         self._inflight: list[deque[Any]] = [deque() for _ in range(self.streams)]
@@ -264,10 +267,17 @@ class RayFeederPool(_RoundRobin):
             if not self._inflight[k]:
                 return None  # ended, and everything it made is consumed
             try:
-                got = ray.get(self._inflight[k].popleft())
+                got = ray.get(self._inflight[k].popleft(), timeout=FEEDER_TIMEOUT_S)
             except lost as e:
                 self._restart(k, e)
                 continue
+            except ray.exceptions.GetTimeoutError as e:
+                # An actor Ray cannot place (not enough free CPUs) waits forever otherwise.
+                raise RuntimeError(
+                    f"data feeder for sub-stream {k} produced nothing in {FEEDER_TIMEOUT_S} s; "
+                    f"can the cluster place {self.streams} feeder actors of data.feeder_cpus="
+                    f"{self._cpus} CPUs each? free: {ray.available_resources()}"
+                ) from e
             self._ready[k].extend(got)
             if len(got) < self.per_request:  # the sub-stream ended: later requests are empty
                 self._ended[k] = True
