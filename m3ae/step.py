@@ -1,8 +1,11 @@
-"""The jitted training step: M3AE losses over every stream, gradient accumulation, AdamW, a
-guard against non-finite steps, and the initial state.
+"""The jitted training step: the task's losses over every stream, gradient accumulation, the
+optimizer, a guard against non-finite steps, and the initial state.
 
-    step = make_train_step(model, tx, config, mean, std)   # (state, batches) -> (state, metrics)
-    init, rng = init_state(model, tx, sample_inputs, seed)  # init(rng) -> state
+    step = make_train_step(task, tx, config)   # (state, batches) -> (state, metrics)
+    init, rng = init_state(task, tx, seed)     # init(rng) -> state
+
+`task` (`m3ae.tasks.Task`) says which model runs and how a batch becomes its inputs, so M3AE and
+the causal LM share this step.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-
-from m3ae.model import M3AE
 
 
 def normalize(images: jax.Array, mean: Any, std: Any) -> jax.Array:
@@ -47,20 +48,20 @@ def accumulate(grad_fn, params, micro, key, accum: int):
     return (loss, metrics), grads
 
 
-def make_train_step(model: M3AE, tx: optax.GradientTransformation, config, mean, std):
+def make_train_step(task, tx: optax.GradientTransformation, config):
     """`step(state, batches) -> (state, metrics)`, with gradient accumulation and a NaN guard."""
     accum = int(config.optim.grad_accum_steps)
 
     def loss_fn(params, batches, key):
         total, metrics = jnp.zeros(()), {}
         for i, (name, batch) in enumerate(sorted(batches.items())):
-            out = model.apply(
+            out = task.model.apply(
                 {"params": params},
-                **model_inputs(batch, mean, std),
-                rngs={"noise": jax.random.fold_in(key, i)},
+                **task.train_inputs(batch),
+                rngs=task.rngs(jax.random.fold_in(key, i)),
             )
             total = total + out["loss"]
-            for k in ("image_loss", "text_loss", "text_accuracy"):
+            for k in task.metrics:
                 if k in out:
                     metrics[f"{name}/{k}"] = out[k]
         return total, metrics
@@ -109,12 +110,14 @@ def make_train_step(model: M3AE, tx: optax.GradientTransformation, config, mean,
     return step
 
 
-def init_state(model: M3AE, tx, sample: dict[str, Any], seed: int):
+def init_state(task, tx, seed: int):
     """`init(rng) -> state`; traced by shape first, then run with the state's shardings."""
+    sample = task.inputs(task.sample)
 
     def init(rng):
         init_rng, rng = jax.random.split(rng)
-        params = model.init({"params": init_rng, "noise": init_rng}, **sample)["params"]
+        rngs = {"params": init_rng, **task.rngs(init_rng)}
+        params = task.model.init(rngs, **sample)["params"]
         return {
             "params": params,
             "opt_state": tx.init(params),

@@ -23,45 +23,17 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from tqdm import tqdm
 
 from m3ae.checkpoint import Checkpoints
 from m3ae.evaluate import EvalContext, run_hooks
-from m3ae.flops import measure_matmul_peak, step_flops
+from m3ae.flops import measure_matmul_peak
 from m3ae.metrics import MetricsLogger
-from m3ae.model import M3AE, model_config
 from m3ae.optim import make_optimizer
-from m3ae.pictures import save_reconstruction_grid
-from m3ae.pretrained import save_pretrained
 from m3ae.sharding import global_batch, make_mesh, replicated, tree_shardings
-from m3ae.step import init_state, make_train_step, model_inputs
-from pipelines.loader import Loader
-from pipelines.mix import Batches, MixedLoader, Prefetch, build_loaders
-
-
-def held_out_batch(config: ml_collections.ConfigDict, count: int = 8) -> dict[str, np.ndarray]:
-    """A fixed set of evaluation-mode pictures (and captions): first `count` of the val shards."""
-    data = config.data
-    urls = data.val_urls or data.paired.urls or data.image_only.urls
-    kind = "paired" if (data.val_urls or data.paired.urls) else "image"
-    loader = Loader(
-        urls,
-        kind=kind,
-        batch_size=count,
-        image_size=data.image_size,
-        text_length=data.text_length,
-        train=False,
-        epochs=1,
-        workers=0,
-        process_index=0,
-        process_count=1,
-        tokenizer=data.tokenizer or None,
-    )
-    batch = next(iter(loader), None)
-    if batch is None:
-        raise ValueError(f"fewer than {count} usable pictures in {urls} for pictures and init")
-    return batch.arrays
+from m3ae.step import init_state, make_train_step
+from m3ae.tasks import make_task
+from pipelines.mix import Batches, MixedLoader, Prefetch
 
 
 def schedule_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -92,18 +64,8 @@ def train(
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     total_steps, steps_per_epoch = schedule_length(config)
     tx, schedule = make_optimizer(config.optim, total_steps, steps_per_epoch)
-    mean, std = tuple(config.data.mean), tuple(config.data.std)
-
-    cfg = model_config(config.model_size, **config.model)
-    model = M3AE(**cfg)
-    pictures = held_out_batch(config)
-    size, length = config.data.image_size, config.data.text_length
-    dummy = {
-        "image": np.zeros((1, size, size, 3), np.uint8),
-        "text": np.zeros((1, length), np.int32),
-        "text_padding_mask": np.zeros((1, length), np.float32),
-    }  # both: every param exists
-    init, rng = init_state(model, tx, model_inputs(dummy, mean, std), config.seed)
+    task = make_task(config)
+    init, rng = init_state(task, tx, config.seed)
     abstract = jax.eval_shape(init, rng)
     shardings = tree_shardings(abstract, mesh)
 
@@ -126,13 +88,12 @@ def train(
     n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
 
     if batches is None:
-        loaders = build_loaders(
-            config.data,
+        loaders = task.loaders(
             config.optim.batch_size,
             jax.process_index(),
             jax.process_count(),
-            seed=config.seed,
-            state=data_state,
+            config.seed,
+            data_state,
         )
         batches = MixedLoader(loaders)
     data = Prefetch(batches, size=2)
@@ -140,17 +101,19 @@ def train(
     peeked = next(iterator)  # the stream sizes, for FLOPs; it is also the first step's data
     sizes = {name: len(b.keys) * jax.process_count() for name, b in peeked.batches.items()}
     step_fn = jax.jit(
-        make_train_step(model, tx, config, mean, std),
+        make_train_step(task, tx, config),
         in_shardings=(shardings, None),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
     )
-    flops = step_flops(cfg, config.data.image_size, config.data.text_length, sizes)
-    peak = config.logging.peak_flops or measure_matmul_peak(cfg.get("dtype", "float32"))
+    flops = task.flops(sizes)
+    peak = config.logging.peak_flops or measure_matmul_peak(
+        task.model_config.get("dtype", "float32")
+    )
     peak *= jax.device_count()
     if is_main:
         print(
-            f"M3AE {config.model_size}: {n_params / 1e6:.2f}M parameters, mesh "
+            f"{task.name}: {n_params / 1e6:.2f}M parameters, mesh "
             f"{dict(mesh.shape)}, streams {sizes}, {total_steps} steps, "
             f"{flops['total'] / 1e9:.1f} GFLOP/step"
         )
@@ -219,28 +182,12 @@ def train(
         bar.update(1)
         final = step == total_steps or stopping
         ckpt.save(step, state, step_data.state, config_dict, force=final)
-        every = config.logging.pictures_every
-        if final or (every and step % every == 0):
-            save_pictures(
-                model,
-                state["params"],
-                pictures,
-                mean,
-                std,
-                step,
-                workdir_path,
-                mesh,
-                tokenizer_dir=config.data.tokenizer or None,
-            )
+        every = config.logging.get("pictures_every", 0)
+        if task.pictures is not None and (final or (every and step % every == 0)):
+            task.pictures(state["params"], step, workdir_path, mesh)
         if final or (config.eval.every and step % config.eval.every == 0):
             ctx = EvalContext(
-                config,
-                model,
-                state["params"],
-                mesh,
-                step,
-                lambda b: model_inputs(b, mean, std),
-                eval_cache,
+                config, task.model, state["params"], mesh, step, task.inputs, eval_cache
             )
             results = run_hooks(ctx)
             if results:
@@ -257,7 +204,7 @@ def train(
     logger.close()
     params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(mesh))(state["params"]))
     if step == total_steps:  # every process: Orbax synchronises the hosts
-        save_pretrained(workdir_path / "model", params, cfg, overwrite=True, step=step)
+        task.save(workdir_path / "model", params, step)
     summary = {
         "steps": step,
         "first_loss": first_loss,
@@ -268,45 +215,3 @@ def train(
     if is_main:
         (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def save_pictures(
-    model,
-    params,
-    pictures,
-    mean,
-    std,
-    step: int,
-    workdir: Path,
-    mesh,
-    tokenizer_dir: str | None = None,
-) -> Path:
-    """The reconstruction grid for the held-out pictures (fixed masks: the same every time).
-
-    Paired pictures also get their captions and predicted masked words, decoded with the
-    tokenizer in `tokenizer_dir` (`config.data.tokenizer or None`; None = bundled BERT-uncased).
-    """
-    pics = jax.jit(
-        lambda p: model.apply(
-            {"params": p},
-            **model_inputs(pictures, mean, std),
-            rngs={"noise": jax.random.PRNGKey(0)},
-            method=M3AE.reconstruct,
-        ),
-        out_shardings=replicated(mesh),
-    )(params)
-    path = workdir / f"reconstruction_{step:06d}.png"
-    if jax.process_index() == 0:
-        from pipelines.tokenizer import load_tokenizer  # transformers: only once pictures are due
-
-        text: dict[str, Any] = {}
-        if "text" in pictures:
-            text = {
-                "text": np.asarray(pictures["text"]),
-                "text_padding_mask": np.asarray(pictures["text_padding_mask"]),
-                "tokenizer": load_tokenizer(tokenizer_dir),  # cached: no reload every N steps
-            }
-        save_reconstruction_grid(
-            path, jax.device_get(pics), np.asarray(mean), np.asarray(std), **text
-        )
-    return path

@@ -98,7 +98,7 @@ def test_grid_image_only(reconstructed, tmp_path):
 
 def test_save_pictures_passes_captions(tmp_path):
     from m3ae.sharding import make_mesh
-    from m3ae.train import save_pictures
+    from m3ae.tasks import save_pictures
 
     ids, pad = tokenize(CAPTIONS, 12)
     image = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
