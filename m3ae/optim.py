@@ -51,9 +51,14 @@ def decay_mask(params: Any, rule: str = "kernels") -> Any:
 
 
 def lr_schedule(optim: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
-    """Linear warm-up to `base_lr * batch_size / 256`, then cosine decay to 0 (per update)."""
+    """Linear warm-up to `base_lr * batch_size / 256`, then cosine decay to 0 (per update).
+
+    The warm-up is `optim.warmup_steps` when a config sets it (the LM recipes count steps),
+    else `optim.warmup_epochs` epochs.
+    """
     peak = optim.base_lr * optim.batch_size / 256
-    warmup = min(int(optim.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    warmup = optim.get("warmup_steps") or int(optim.warmup_epochs * steps_per_epoch)
+    warmup = min(warmup, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, 1), 0.0)
 
 
