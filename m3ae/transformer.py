@@ -14,6 +14,9 @@ Parameters are float32; `dtype` sets the compute dtype (float32 or bfloat16). `s
 blocks under `nn.scan` (parameters stacked on a leading depth axis under `blocks/`), `remat=True`
 recomputes each block's activations in the backward pass. `stack_blocks` / `unstack_blocks`
 convert between the two parameter layouts.
+
+`rotary=True` rotates queries and keys by their token positions (RoPE, Su et al. 2021) inside
+every attention layer; it has no parameters and is off by default, so M3AE is unchanged.
 """
 
 from __future__ import annotations
@@ -88,6 +91,24 @@ def combine_masks(*masks: Array | None) -> Array | None:
 
 
 # ------------------------------------------------------------------------------------ attention
+def apply_rotary(x: Array, positions: Array, base: float = 10000.0) -> Array:
+    """Rotate `x (B, L, H, Dh)` by `positions (B, L)` (RoPE, rotate-half channel pairing).
+
+    Channel i of the first half pairs with channel i of the second half and turns by angle
+    `position * base^(-i / (Dh/2))`, so q.k depends only on the query-key distance. Computed in
+    float32 (bfloat16 angles lose whole radians at long positions), returned in x's dtype.
+    """
+    half = x.shape[-1] // 2
+    if x.shape[-1] % 2:
+        raise ValueError(f"rotary embeddings need an even head width, got {x.shape[-1]}")
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (Dh/2,)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, Dh/2)
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]  # (B, L, 1, Dh/2)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # (B, L, H, Dh)
+    return out.astype(x.dtype)
+
+
 def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str = "xla") -> Array:
     """Multi-head attention. q, k, v: `(B, L, H, Dh)`; mask: `(B|1, H|1, Lq, Lk)`; out like q."""
     if impl == "einsum":
@@ -111,9 +132,11 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     impl: str = "xla"
+    rotary: bool = False
+    rope_base: float = 10000.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None) -> Array:
+    def __call__(self, x: Array, mask: Array | None, positions: Array | None = None) -> Array:
         B, L, D = x.shape
         if D % self.num_heads:
             raise ValueError(f"width {D} is not divisible by num_heads {self.num_heads}")
@@ -123,6 +146,11 @@ class Attention(nn.Module):
         qkv = dense(3 * D, "qkv")(x)  # (B, L, 3D)
         qkv = qkv.reshape(B, L, 3, self.num_heads, D // self.num_heads)  # (B, L, 3, H, Dh)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, L, H, Dh)
+        if self.rotary:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(L), (B, L))
+            q = apply_rotary(q, positions, self.rope_base)
+            k = apply_rotary(k, positions, self.rope_base)
         o = attend(q, k, v, mask, self.impl)  # (B, L, H, Dh)
         o = o.reshape(B, L, D)  # heads concatenated in head order
         return dense(D, "out")(o)
@@ -148,17 +176,28 @@ def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
 
 
 class Block(nn.Module):
-    """One pre-LN transformer block. `(x, mask) -> (x, x)` so it can be scanned."""
+    """One pre-LN transformer block. `(x, mask, positions) -> (x, x)` so it can be scanned."""
 
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    rotary: bool = False
+    rope_base: float = 10000.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None) -> tuple[Array, Array]:
-        attn = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")
-        x = x + attn(layer_norm("ln_attn", self.dtype)(x), mask)
+    def __call__(
+        self, x: Array, mask: Array | None, positions: Array | None = None
+    ) -> tuple[Array, Array]:
+        attn = Attention(
+            self.num_heads,
+            self.dtype,
+            self.attention_impl,
+            self.rotary,
+            self.rope_base,
+            name="attn",
+        )
+        x = x + attn(layer_norm("ln_attn", self.dtype)(x), mask, positions)
         mlp = MLP(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")
         x = x + mlp(layer_norm("ln_mlp", self.dtype)(x))
         return x, x
@@ -167,7 +206,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of pre-LN blocks plus a final LayerNorm.
 
-    Call with `x (B, L, D)` and an optional boolean `mask`; returns `(out, intermediates)` where
+    Call with `x (B, L, D)`, an optional boolean `mask` and, for `rotary=True`, optional token
+    `positions (B, L)` (default 0..L-1); returns `(out, intermediates)` where
     `intermediates` holds `blocks` (each block's output, stacked `(depth, B, L, D)`) and
     `pre_norm` (the input to the final LayerNorm). Unused intermediates are dropped by XLA.
     """
@@ -179,9 +219,13 @@ class Transformer(nn.Module):
     scan: bool = False
     remat: bool = False
     attention_impl: str = "xla"
+    rotary: bool = False
+    rope_base: float = 10000.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    def __call__(
+        self, x: Array, mask: Array | None = None, positions: Array | None = None
+    ) -> tuple[Array, dict[str, Array]]:
         block_cls = Block
         if self.remat:
             block_cls = nn.remat(Block, prevent_cse=not self.scan)
@@ -190,6 +234,8 @@ class Transformer(nn.Module):
             mlp_ratio=self.mlp_ratio,
             dtype=self.dtype,
             attention_impl=self.attention_impl,
+            rotary=self.rotary,
+            rope_base=self.rope_base,
         )
         x = x.astype(self.dtype)
         if self.scan:
@@ -200,11 +246,12 @@ class Transformer(nn.Module):
                 in_axes=nn.broadcast,
                 length=self.depth,
             )
-            x, hidden = stack(**kwargs, name="blocks")(x, mask)  # hidden: (depth, B, L, D)
+            # The mask and positions are broadcast: every layer sees the very same mask.
+            x, hidden = stack(**kwargs, name="blocks")(x, mask, positions)  # (depth, B, L, D)
         else:
             outs = []
             for i in range(self.depth):
-                x, _ = block_cls(**kwargs, name=f"block_{i}")(x, mask)
+                x, _ = block_cls(**kwargs, name=f"block_{i}")(x, mask, positions)
                 outs.append(x)
             hidden = jnp.stack(outs) if outs else x[None, :0]  # (depth, B, L, D)
         out = layer_norm("ln_final", self.dtype)(x)
