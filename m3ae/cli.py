@@ -59,8 +59,11 @@ def _import_reference(args: argparse.Namespace) -> int:
     flat, meta = read_reference(args.src)
     params = to_m3ae_params(flat)
     config = infer_config(flat, meta, overrides=overrides)
-    extra = {k: config.pop(k) for k in ("image_size", "text_length") if k in config}
-    save_pretrained(args.dst, params, config, source=os.path.abspath(args.src), **extra)
+    # The original's inputs (256 px, CC12M statistics, BERT-uncased) unless the file says else.
+    preprocess = {k: config.pop(k) for k in ("image_size", "text_length") if k in config}
+    save_pretrained(
+        args.dst, params, config, source=os.path.abspath(args.src), preprocess=preprocess
+    )
     print(summarize(params, config))
     print(f"wrote {args.dst}")
     return 0

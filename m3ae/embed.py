@@ -44,8 +44,7 @@ from tqdm import tqdm
 
 from m3ae.embedder import Embedder, Partition, Settings, partition_files, write_json
 from m3ae.model import M3AE
-from m3ae.pretrained import read_config
-from pipelines.images import CC12M_MEAN, CC12M_STD
+from m3ae.pretrained import read_config, read_preprocess
 from pipelines.loader import IMAGE_EXTS
 from pipelines.shards import expand_urls
 
@@ -146,6 +145,7 @@ def embed(
     start = time.perf_counter()
     model_dir = str(Path(model_dir).absolute())
     meta = read_config(model_dir)
+    prep = read_preprocess(model_dir)  # the preprocess section, old top-level keys or defaults
     kinds = tuple(kinds.split(",") if isinstance(kinds, str) else kinds)
     if not kinds or len(set(kinds)) != len(kinds) or set(kinds) - set(KINDS):
         raise ValueError(f"kinds must be distinct names from {KINDS}, got {kinds}")
@@ -157,11 +157,11 @@ def embed(
         pool,
         bool(normalize),
         dtype,
-        int(image_size or meta.get("image_size") or 256),
-        int(text_length or meta.get("text_length") or 64),
-        tuple(meta.get("mean", CC12M_MEAN)),
-        tuple(meta.get("std", CC12M_STD)),
-        meta.get("tokenizer") or None,
+        int(image_size or prep["image_size"]),
+        int(text_length or prep["text_length"]),
+        tuple(prep["mean"]),
+        tuple(prep["std"]),
+        prep["tokenizer_dir"],
         int(batch_size),
         int(workers),
     )

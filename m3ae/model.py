@@ -118,6 +118,13 @@ class M3AE(nn.Module):
     remat: bool = False
     attention_impl: str = "xla"
 
+    @classmethod
+    def from_pretrained(cls, directory: str, **overrides: Any):
+        """A saved model directory as an `m3ae.api.PretrainedM3AE` (module, params, tokenizer)."""
+        from m3ae.api import PretrainedM3AE  # the wrapper needs the tokenizer: load it lazily
+
+        return PretrainedM3AE.from_pretrained(directory, **overrides)
+
     def setup(self) -> None:
         if self.masking not in MASKING_MODES:
             raise ValueError(f"masking must be one of {MASKING_MODES}, got {self.masking!r}")

@@ -1,7 +1,15 @@
-"""A pretrained-model directory: `config.json` plus Orbax-saved parameters.
+"""A pretrained-model directory: `config.json`, Orbax-saved parameters and tokenizer files.
 
-    save_pretrained("runs/m3ae-tiny", params, model_config("tiny"))
+    save_pretrained("runs/m3ae-tiny", params, model_config("tiny"), preprocess={"image_size": 64})
     model, params = load_pretrained("runs/m3ae-tiny")
+    settings = read_preprocess("runs/m3ae-tiny")  # image_size, mean, std, text_length, tokenizer
+
+`config.json` holds `model` (the M3AE keyword arguments), `preprocess` (what the inputs must look
+like: image size, normalization, text length, tokenizer) and free metadata such as `step`. With
+a `preprocess` section the tokenizer's files are copied into `tokenizer/`, so the directory is
+self-contained. Directories written before either existed still load: their preprocessing is
+read from the old top-level keys or the paper's defaults, and their tokenizer is the bundled
+BERT-uncased one.
 
 Parameters are stored in the unrolled block layout (`block_0`, `block_1`, ...) whatever the
 model's `scan` setting, so a directory loads into either layout. Nothing is ever unpickled:
@@ -13,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +32,38 @@ from jax.experimental import multihost_utils
 
 from m3ae.model import M3AE
 from m3ae.transformer import stack_blocks, unstack_blocks
+from pipelines.images import CC12M_MEAN, CC12M_STD
 
-FORMAT = "m3ae-pretrained/1"
+FORMAT = "m3ae-pretrained/1"  # the preprocess section and tokenizer/ are optional additions
 STACKS = ("encoder", "decoder")
+TOKENIZER_DIR = "tokenizer"
+# The paper's inputs (256 px, CC12M statistics, 64 BERT-uncased tokens; "" = the bundled one).
+DEFAULT_PREPROCESS: dict[str, Any] = {
+    "image_size": 256,
+    "mean": list(CC12M_MEAN),
+    "std": list(CC12M_STD),
+    "text_length": 64,
+    "tokenizer": "",
+}
+
+
+def check_preprocess(preprocess: Mapping[str, Any]) -> dict[str, Any]:
+    """`DEFAULT_PREPROCESS` updated with `preprocess`, validated, as plain JSON types."""
+    unknown = set(preprocess) - set(DEFAULT_PREPROCESS)
+    if unknown:
+        raise ValueError(
+            f"preprocess has unknown key(s) {sorted(unknown)}; known: {sorted(DEFAULT_PREPROCESS)}"
+        )
+    out = {**DEFAULT_PREPROCESS, **preprocess}
+    out["mean"] = [float(v) for v in out["mean"]]
+    out["std"] = [float(v) for v in out["std"]]
+    out["image_size"], out["text_length"] = int(out["image_size"]), int(out["text_length"])
+    out["tokenizer"] = str(out["tokenizer"] or "")
+    if len(out["mean"]) != 3 or len(out["std"]) != 3 or min(out["std"]) <= 0:
+        raise ValueError(f"preprocess mean/std must be 3 values (std > 0): {out}")
+    if out["image_size"] <= 0 or out["text_length"] <= 0:
+        raise ValueError(f"preprocess image_size and text_length must be positive: {out}")
+    return out
 
 
 def to_layout(params: dict[str, Any], scan: bool) -> dict[str, Any]:
@@ -47,17 +85,26 @@ def save_pretrained(
     params: Any,
     config: dict[str, Any],
     overwrite: bool = False,
+    preprocess: Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
     **extra: Any,
 ) -> Path:
-    """Write `config.json` (model kwargs + `extra` metadata) and the params under `params/`.
+    """Write `config.json` (model kwargs, `preprocess`, `extra` metadata), the params under
+    `params/` and, with `preprocess`, the tokenizer's files under `tokenizer/`.
 
-    In a multi-process job every process must call this (Orbax synchronises the hosts); only
-    process 0 writes files.
+    `preprocess` holds any of `DEFAULT_PREPROCESS`'s keys (the rest take the defaults); its
+    `tokenizer` names a tokenizer directory ("" = bundled BERT-uncased). `tokenizer` is an
+    already-loaded Hugging Face tokenizer to write instead of loading that directory. In a
+    multi-process job every process must call this (Orbax synchronises the hosts); only process
+    0 writes files.
     """
     directory = Path(directory).absolute()
     unknown = set(config) - set(M3AE.__dataclass_fields__)
     if unknown:
         raise ValueError(f"config has keys that M3AE does not know: {sorted(unknown)}")
+    if preprocess is None and tokenizer is not None:
+        raise ValueError("a tokenizer is saved with its preprocess settings: pass preprocess too")
+    prep = None if preprocess is None else check_preprocess(preprocess)
     if (directory / "params").exists():
         if not overwrite:
             raise FileExistsError(f"{directory} already holds a pretrained model")
@@ -72,6 +119,15 @@ def save_pretrained(
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         meta = {"format": FORMAT, "model": dict(config), **extra}
+        if (directory / TOKENIZER_DIR).exists():
+            shutil.rmtree(directory / TOKENIZER_DIR)  # no stale files of an earlier save
+        if prep is not None:
+            meta["preprocess"] = prep
+            if tokenizer is None:
+                from pipelines.tokenizer import load_tokenizer  # transformers: only when needed
+
+                tokenizer = load_tokenizer(prep["tokenizer"] or None)
+            tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -85,6 +141,22 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported format {meta.get('format')!r}, expected {FORMAT}")
     return meta
+
+
+def read_preprocess(directory: str | os.PathLike) -> dict[str, Any]:
+    """The input settings of a pretrained directory, with `tokenizer_dir` (its `tokenizer/`, or
+    None = the bundled BERT-uncased). Old directories: top-level keys, then the defaults."""
+    meta = read_config(directory)
+    section = meta.get("preprocess")
+    if section is None:  # written before the section existed (import-reference put some here)
+        section = {k: meta[k] for k in DEFAULT_PREPROCESS if meta.get(k) not in (None, "")}
+    try:
+        prep = check_preprocess(section)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{Path(directory) / 'config.json'}: bad preprocess section: {e}") from e
+    tok = Path(directory).absolute() / TOKENIZER_DIR
+    prep["tokenizer_dir"] = str(tok) if tok.is_dir() else None
+    return prep
 
 
 def load_pretrained(directory: str | os.PathLike, **overrides: Any) -> tuple[M3AE, dict[str, Any]]:

@@ -80,7 +80,9 @@ def m3ae_task(config: ml_collections.ConfigDict) -> Task:
         return build_loaders(data, global_batch, process_index, process_count, seed, state)
 
     def save(directory, params, step):
-        return save_pretrained(directory, params, cfg, overwrite=True, step=step)
+        prep = dict(image_size=size, text_length=length, mean=mean, std=std)  # what it saw
+        prep["tokenizer"] = data.tokenizer  # its files are copied into the model directory
+        return save_pretrained(directory, params, cfg, overwrite=True, step=step, preprocess=prep)
 
     def pictures(params, step, workdir, mesh):
         return save_pictures(
