@@ -73,7 +73,8 @@ def lm_mask(segment_ids: Array) -> Array:
 
 
 def _ratios(rng: Array, batch: int, eta: float, min_ratio: float) -> Array:
-    if not 0.0 <= min_ratio <= eta < 1.0:
+    concrete = all(isinstance(v, (int, float)) for v in (eta, min_ratio))  # jit may trace them
+    if concrete and not 0.0 <= min_ratio <= eta < 1.0:
         raise ValueError(f"FCM needs 0 <= fcm_min_ratio <= fcm_eta < 1, got {min_ratio}, {eta}")
     return jax.random.uniform(rng, (batch,), minval=min_ratio, maxval=eta)  # (B,)
 
