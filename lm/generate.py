@@ -3,9 +3,10 @@
     ids = generate(model, params, prompt_ids, max_new_tokens=50, temperature=0.8, top_k=40,
                    rng=jax.random.PRNGKey(0))
 
-The simplest correct approach: the rows live in a fixed buffer of `max_length` tokens and each
-new token costs one jitted forward pass over the whole buffer, so the step compiles once and is
-reused for every position (the position is a traced scalar). The causal mask makes the unfilled
+The simplest correct approach: the rows live in a fixed buffer (prompt + new tokens, rounded up
+to a multiple of 64 and capped at `max_length`) and each new token costs one jitted forward pass
+over the whole buffer, so the step compiles once per buffer size and is reused for every
+position (the position is a traced scalar). The causal mask makes the unfilled
 tail of the buffer invisible to the positions that matter. No KV cache: the cost per token is a
 full forward, which is fine for the tiny and small models this is used with.
 """
@@ -21,6 +22,8 @@ import numpy as np
 
 from lm.model import LM
 
+BUFFER_MULTIPLE = 64
+
 
 @partial(jax.jit, static_argnames=("model", "greedy", "top_k"))
 def _next_token(
@@ -33,8 +36,8 @@ def _next_token(
     greedy: bool,
     top_k: int | None,
 ) -> jax.Array:
-    """Sample the token at `index` of every row of `buffer (B, max_length)`: `(B,)` int32."""
-    logits = model.apply({"params": params}, buffer, train=False)["logits"]  # (B, Lmax, V)
+    """Sample the token at `index` of every row of `buffer (B, size)`: `(B,)` int32."""
+    logits = model.apply({"params": params}, buffer, train=False)["logits"]  # (B, size, V)
     logits = jax.lax.dynamic_index_in_dim(logits, index - 1, axis=1, keepdims=False)  # (B, V)
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -76,7 +79,9 @@ def generate(
     if top_k is not None and not 1 <= top_k <= model.vocab_size:
         raise ValueError(f"top_k must be in [1, {model.vocab_size}], got {top_k}")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    buffer = np.zeros((B, model.max_length), np.int32)  # (B, Lmax)
+    # Shorter than max_length when it can be: the full-buffer forward is the cost per token.
+    size = min(model.max_length, -(-(P + max_new_tokens) // BUFFER_MULTIPLE) * BUFFER_MULTIPLE)
+    buffer = np.zeros((B, size), np.int32)  # (B, size)
     buffer[:, :P] = prompt
     buffer = jnp.asarray(buffer)
     done = np.zeros(B, bool)

@@ -239,7 +239,7 @@ def test_overfit_one_batch_of_shakespeare_then_regenerate():
     loss_mask = jnp.ones((2, 48), jnp.float32).at[1, 24].set(0.0)  # EOS is doc 2's, not doc 1's
     model = LM(**lm_config("tiny", fcm_eta=0.15))
     params = init(model, tokens, segments)
-    tx = optax.adam(3e-3)
+    tx = optax.adam(1e-2)
     opt_state = tx.init(params)
 
     @jax.jit
@@ -262,7 +262,7 @@ def test_overfit_one_batch_of_shakespeare_then_regenerate():
         return optax.apply_updates(params, updates), opt_state, out
 
     first = None
-    for i in range(150):  # a fresh FCM mask every step, as in training
+    for i in range(110):  # a fresh FCM mask every step, as in training
         params, opt_state, out = step(params, opt_state, jax.random.PRNGKey(i))
         first = first or float(out["loss"])
     assert float(out["tokens"]) == 95.0
