@@ -59,7 +59,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(
         dict(
             batch_size={"tiny": 8, "small": 16, "base": 256}[size],  # rows, global
-            base_lr={"tiny": 1e-2, "small": 1e-2, "base": 6e-4}[size],  # x batch/256
+            base_lr={"tiny": 0.1, "small": 0.032, "base": 6e-4}[size],  # x batch/256
             b1=0.9,
             b2=0.95,
             weight_decay=0.1,
