@@ -1,1 +1,20 @@
-"""m3ae package."""
+"""m3ae package.
+
+    from m3ae import M3AE, PretrainedM3AE   # the flax module; what `M3AE.from_pretrained` returns
+
+The two are imported on first access (PEP 562), so `import m3ae.cli` and the data pipelines do
+not pay for flax and the tokenizer.
+"""
+
+from typing import Any
+
+_LAZY = {"M3AE": "m3ae.model", "PretrainedM3AE": "m3ae.api"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'm3ae' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -172,6 +172,8 @@ class PretrainedM3AE:
         self, texts: TextInput, padding_mask: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Strings or ids `(B, L)` -> `(ids int32, padding float32)`; id 0 is padding by default."""
+        if not isinstance(texts, str | np.ndarray | jax.Array) and len(texts) == 0:
+            raise ValueError("no texts given")
         if isinstance(texts, str) or (
             not isinstance(texts, np.ndarray | jax.Array) and texts and isinstance(texts[0], str)
         ):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -211,6 +213,8 @@ def test_clear_errors(tiny, loaded, tmp_path):
         loaded.encode_text(["a cat"], pool="first")
     with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
         loaded.encode_image(np.zeros((2, SIZE, SIZE), np.uint8))
+    with pytest.raises(ValueError, match="no texts given"):
+        loaded.encode_text([])
     with pytest.raises(ValueError, match="token ids must lie in"):
         loaded.encode_text(np.array([[BERT_VOCAB_SIZE]]))
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
@@ -219,3 +223,13 @@ def test_clear_errors(tiny, loaded, tmp_path):
         loaded.encode(images=np.zeros((2, SIZE, SIZE, 3), np.uint8), texts=["one"])
     with pytest.raises(ValueError, match="unknown key.*'size'"):
         save_pretrained(tmp_path / "bad", tiny[1], model_config("tiny"), preprocess={"size": 3})
+
+
+def test_package_exports_load_lazily():
+    code = (
+        "import sys, m3ae; assert 'flax' not in sys.modules and 'm3ae.api' not in sys.modules; "
+        "from m3ae import M3AE, PretrainedM3AE; import m3ae.model, m3ae.api; "
+        "assert M3AE is m3ae.model.M3AE and PretrainedM3AE is m3ae.api.PretrainedM3AE"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
