@@ -2,8 +2,9 @@
 
     config.eval.hooks = ("val_loss",)       # run every config.eval.every steps and at the end
 
-A hook takes an `EvalContext` and returns flat metrics, logged under `<hook>/<name>`. Later
-evaluators (the linear probe) register themselves here with `@register("probe")`.
+A hook takes an `EvalContext` and returns flat metrics, logged under `<hook>/<name>`. Hooks in
+other modules register themselves with `@register(name)`: `probe` (the periodic ridge probe on
+`eval.probe_urls`) lives in `m3ae/probe_hook.py`, imported at the end of this file.
 """
 
 from __future__ import annotations
@@ -87,3 +88,6 @@ def val_loss(ctx: EvalContext) -> dict[str, float]:
         if count >= ctx.config.eval.batches:
             break
     return {k: v / count for k, v in sums.items()} if count else {}
+
+
+from m3ae import probe_hook  # noqa: E402, F401 - registers "probe"; needs `register` above

@@ -1,0 +1,176 @@
+"""`m3ae probe` on real Fashion-MNIST shards written by `m3ae shards`, and the periodic probe
+hook in a short training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from m3ae.cli import main
+from m3ae.config import load_config
+from m3ae.model import M3AE, model_config
+from m3ae.pretrained import save_pretrained
+from m3ae.probe_cli import probe
+from m3ae.probe_data import in_test, read_embeddings
+from pipelines.sources import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+FAST = ["--no-progress", "--batch-size", "128", "--workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def fm_shards(tmp_path_factory) -> dict[str, str]:
+    """300 train and 200 test Fashion-MNIST images as shards, through the `m3ae shards` CLI."""
+    root = tmp_path_factory.mktemp("fm")
+    for split, limit in (("train", 300), ("test", 200)):
+        argv = ["shards", "--source", "fashion-mnist", "--split", split, "--limit", str(limit)]
+        assert main([*argv, "--format", "png", "--out", str(root / split), "--no-progress"]) == 0
+    return {"train": str(root / "train"), "test": str(root / "test")}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    cfg = model_config("tiny", patch_size=8)
+    x = dict(image=jax.numpy.zeros((1, 32, 32, 3)), text=jax.numpy.zeros((1, 16), int))
+    params = M3AE(**cfg).init(jax.random.PRNGKey(0), **x, method=M3AE.encode)["params"]
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    return save_pretrained(path, params, cfg, step=3, image_size=32, text_length=16)
+
+
+@pytest.fixture(scope="module")
+def first_run(fm_shards, model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("probe") / "out"
+    dataset = f"shards:{fm_shards['train']}::{fm_shards['test']}"
+    argv = ["probe", "--model", str(model_dir), "--dataset", dataset, "--out", str(out)]
+    assert main([*argv, *FAST]) == 0
+    return out
+
+
+def test_cli_writes_clip_benchmark_json_and_png(first_run, model_dir):
+    r = json.loads((first_run / "probe.json").read_text())
+    assert r["task"] == "linear_probe" and r["evaluator"] == "ridge"
+    assert r["model"] == str(model_dir) and r["step"] == 3 and r["pool"] == "cls"
+    assert set(r["metrics"]) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"}
+    for name, value in r["metrics"].items():
+        assert r[name] == value and 0.0 <= value <= 1.0
+    # Even random-init CLS features separate clothes far above chance (10%).
+    assert r["lp_acc1"] > 0.35 and r["lp_acc5"] >= r["lp_acc1"]
+    assert r["seed"] == 0 and r["shots"] is None and r["l2_reg"] > 0
+    assert r["train_size"] == 300 and r["test_size"] == 200 and r["num_classes"] == 10
+    assert r["classes"] == list(FASHION_MNIST_CLASSES)  # from the shards' classes.json
+    confusion = np.asarray(r["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 200
+    assert np.trace(confusion) == round(r["lp_acc1"] * 200)
+    png = (first_run / "confusion.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert (first_run / "probe_ridge.json").is_file()
+
+
+def test_second_run_reuses_features(first_run, fm_shards, model_dir):
+    feature_files = sorted(first_run.glob("features/*/*/img_emb/*.npy"))
+    assert len(feature_files) == 2
+    mtimes = [p.stat().st_mtime_ns for p in feature_files]
+    dataset = f"shards:{fm_shards['train']}::{fm_shards['test']}"
+    r = probe(model_dir, dataset, "logistic", first_run, progress=False, workers=2)
+    assert [p.stat().st_mtime_ns for p in feature_files] == mtimes
+    assert r["features"]["train"] == {"rows": 300, "embedded_partitions": 0}
+    assert r["features"]["test"] == {"rows": 200, "embedded_partitions": 0}
+    assert r["evaluator"] == "logistic" and r["weight_decay_selected_by"] == "held-out"
+    assert r["lp_acc1"] > 0.35
+    # The per-evaluator copies keep both runs; probe.json is the latest.
+    assert json.loads((first_run / "probe_ridge.json").read_text())["evaluator"] == "ridge"
+    assert json.loads((first_run / "probe.json").read_text())["evaluator"] == "logistic"
+
+
+def test_npy_dataset_gives_the_same_probe(first_run, tmp_path):
+    for part in ("train", "test"):
+        x, labels, _ = read_embeddings(next(first_run.glob(f"features/*/{part}")))
+        np.save(tmp_path / f"{part}_x.npy", x)
+        np.save(tmp_path / f"{part}_y.npy", np.asarray(labels))
+    r = probe(None, f"npy:{tmp_path}", "ridge", tmp_path / "out", progress=False)
+    shards = json.loads((first_run / "probe_ridge.json").read_text())
+    assert r["lp_acc1"] == shards["lp_acc1"] and r["l2_reg"] == shards["l2_reg"]
+    assert r["classes"] == [str(i) for i in range(10)]  # no classes.json given
+
+
+def test_named_dataset_fewshot_and_random_init(model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    r = probe(
+        model_dir,
+        "fashion-mnist",
+        "fewshot",
+        tmp_path / "out",
+        random_init="",
+        limit=120,
+        cache_dir=cache,
+        shots=(1, 5),
+        seeds=(0, 1),
+        progress=False,
+        workers=2,
+    )
+    assert (cache / "fashion-mnist-train-n120" / "stats.json").is_file()
+    assert r["model"].startswith("random-init:") and r["step"] == 0
+    assert r["train_size"] == 120 and r["test_size"] == 120
+    assert set(r["fewshot"]) == {"1", "5"}
+    one, five = r["fewshot"]["1"], r["fewshot"]["5"]
+    assert [run["train_size"] for run in one["runs"]] == [10, 10]
+    assert five["lp_acc1_mean"] > one["lp_acc1_mean"] - 0.05  # more shots should not hurt
+    assert (tmp_path / "out" / "confusion_fewshot.png").is_file()
+
+
+def test_class_folder_tree_split_by_key(model_dir, tmp_path):
+    images, labels = load_fashion_mnist("test")
+    names = {0: "shirt", 1: "trouser", 7: "sneaker"}
+    for i in np.flatnonzero(np.isin(labels, list(names)))[:90]:
+        folder = tmp_path / "tree" / names[int(labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"{i}.png")
+    r = probe(model_dir, f"folder:{tmp_path / 'tree'}", "ridge", tmp_path / "out", progress=False)
+    assert r["classes"] == ["shirt", "sneaker", "trouser"]
+    keys = [f"{names[int(labels[i])]}/{i}" for i in np.flatnonzero(np.isin(labels, list(names)))]
+    assert r["test_size"] == sum(in_test(k) for k in keys[:90])
+    assert r["train_size"] + r["test_size"] == 90 and r["lp_acc1"] > 0.6  # 3 easy classes
+
+
+def test_bad_dataset_and_option_name_the_option(model_dir, tmp_path, capsys):
+    base = ["probe", "--model", str(model_dir), "--out", str(tmp_path)]
+    assert main([*base, "--dataset", "fashoin-mnist"]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset 'fashoin-mnist'" in err and "fashion-mnist" in err and "npy:DIR" in err
+    assert main([*base, "--dataset", "npy:/nonexistent", "--opt", "lambda=3"]) == 2
+    assert "--opt 'lambda=3'" in capsys.readouterr().err
+    assert main([*base, "--dataset", "shards:a::b::c"]) == 2
+    assert "TRAIN::TEST" in capsys.readouterr().err
+
+
+def test_probe_hook_in_training(fm_shards, tmp_path):
+    from m3ae.train import train
+
+    overrides = [
+        f"data.paired.urls={fm_shards['train']}",
+        "data.val_urls=",
+        "data.num_examples=32",
+        "data.workers=1",
+        "optim.batch_size=16",
+        "optim.epochs=1",
+        "eval.every=1",
+        "eval.hooks=('probe',)",
+        f"eval.probe_urls={fm_shards['train']}::{fm_shards['test']}",
+        "eval.probe_samples=150",
+        "logging.every=1",
+        "logging.pictures_every=0",
+        "logging.tensorboard=False",
+        "logging.peak_flops=1e9",
+    ]
+    summary = train(load_config("m3ae_pretrain:local", overrides), str(tmp_path))
+    assert summary["steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    for r in evals:
+        assert set(r["eval"]) == {"probe/acc1", "probe/mean_per_class_recall"}
+        assert 0.3 < r["eval"]["probe/acc1"] <= 1.0  # 10 classes: chance is 0.1
