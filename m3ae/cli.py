@@ -116,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_import_reference)
 
+    from lm.cli import add_lm_commands
     from m3ae.embed import add_embed_command
     from m3ae.probe_cli import add_probe_command
     from pipelines.shard_writer import add_shards_command
 
     add_shards_command(verbs)
     add_embed_command(verbs)
+    add_lm_commands(verbs)
     add_probe_command(verbs)
     return parser
 
