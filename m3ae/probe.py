@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from m3ae.probe_eval import linear_scores, logistic_scores, ridge_scores
 
@@ -124,7 +125,12 @@ def run_probe(
         rows = sample_shots(train_y, shots, seed)
         train_x, train_y = train_x[rows], train_y[rows]
     start = time.perf_counter()
-    scores, chosen = EVALUATORS[name](train_x, train_y, test_x, num_classes, seed=seed, **options)
+    # One BLAS thread for numpy's eigh and products: on a busy 2-core host threaded OpenBLAS
+    # ran a 784 x 784 eigh in 2-6.5 s instead of 0.1 s (benchmarks/probe.py). XLA is unaffected.
+    with threadpool_limits(1, user_api="blas"):
+        scores, chosen = EVALUATORS[name](
+            train_x, train_y, test_x, num_classes, seed=seed, **options
+        )
     seconds = time.perf_counter() - start
     metrics = classification_metrics(np.asarray(scores), test_y, num_classes)
     confusion = metrics.pop("confusion_matrix")

@@ -341,9 +341,11 @@ def logistic_scores(
     # the identity, so correlated features (pixels, CLS tokens) no longer slow L-BFGS down:
     # 3x fewer iterations on Fashion-MNIST pixels (benchmarks/probe.py). Tolerances and the
     # reported gradient norm are in these coordinates.
-    eigs, q = np.linalg.eigh(x.T.astype(np.float64) @ x / n)
+    # The two N x D x D products run in XLA: numpy's threaded BLAS stalls on a busy host.
+    x_dev = jnp.asarray(x)
+    eigs, q = np.linalg.eigh(np.asarray(x_dev.T @ x_dev, np.float64) / n)
     eigs = np.clip(eigs, 0.0, None)  # eigh rounds the PSD matrix's null space to +-tiny
-    xq = x.astype(np.float64) @ q  # (N, D)
+    xq = x_dev @ jnp.asarray(q, jnp.float32)  # (N, D)
     y_dev = jnp.asarray(y)
 
     def fit(
@@ -354,7 +356,7 @@ def logistic_scores(
         scale = 1.0 / np.sqrt(np.maximum(eigs + lam, 1e-12))  # (D,)
         v = (q.T @ np.asarray(init["w"], np.float64)) / scale[:, None]  # (D, C)
         params, count, gnorm = _lbfgs_fit_jit(
-            jnp.asarray((xq * scale).astype(np.float32)),
+            xq * jnp.asarray(scale, jnp.float32),
             y_dev,
             jnp.asarray(weight),
             jnp.asarray((lam * scale**2)[:, None], jnp.float32),
