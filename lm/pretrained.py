@@ -13,30 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from lm.model import LM
-from m3ae.transformer import stack_blocks, unstack_blocks
+from m3ae.pretrained import to_layout, write_params
 
 FORMAT = "m3ae-lm/1"
-
-
-def to_layout(params: dict[str, Any], scan: bool) -> dict[str, Any]:
-    """LM params in the scanned (`transformer/blocks`) or the unrolled (`block_i`) layout."""
-    out = dict(params)
-    tree = out["transformer"]
-    if scan and "blocks" not in tree:
-        out["transformer"] = stack_blocks(tree)
-    elif not scan and "blocks" in tree:
-        out["transformer"] = unstack_blocks(tree)
-    return out
+STACKS = ("transformer",)
 
 
 def save_lm(
@@ -51,18 +38,7 @@ def save_lm(
     unknown = set(config) - set(LM.__dataclass_fields__)
     if unknown:
         raise ValueError(f"config has keys that LM does not know: {sorted(unknown)}")
-    if (directory / "params").exists():
-        if not overwrite:
-            raise FileExistsError(f"{directory} already holds a trained LM")
-        if jax.process_index() == 0:
-            shutil.rmtree(directory / "params")
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"m3ae-save-lm-{directory}")
-    directory.mkdir(parents=True, exist_ok=True)
-    params = jax.tree.map(np.asarray, to_layout(dict(params), scan=False))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / "params", params)
-    checkpointer.wait_until_finished()
+    write_params(directory, to_layout(dict(params), False, STACKS), overwrite)
     if jax.process_index() == 0:
         meta = {"format": FORMAT, "model": dict(config), "tokenizer": "gpt2", **extra}
         (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -85,4 +61,4 @@ def load_lm(directory: str | os.PathLike, **overrides: Any) -> tuple[LM, dict[st
     directory = Path(directory).absolute()
     model = LM(**{**read_lm_config(directory)["model"], **overrides})
     params = ocp.StandardCheckpointer().restore(directory / "params")
-    return model, to_layout(params, scan=model.scan)
+    return model, to_layout(params, model.scan, STACKS)

@@ -66,10 +66,13 @@ def check_preprocess(preprocess: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def to_layout(params: dict[str, Any], scan: bool) -> dict[str, Any]:
-    """Convert M3AE params between the unrolled and the scanned (`blocks`) layouts."""
+def to_layout(
+    params: dict[str, Any], scan: bool, stacks: tuple[str, ...] = STACKS
+) -> dict[str, Any]:
+    """Convert params between the unrolled and the scanned (`blocks`) layouts of the
+    transformer stacks named in `stacks` (M3AE's encoder and decoder by default)."""
     out = dict(params)
-    for name in STACKS:
+    for name in stacks:
         tree = out.get(name)
         if tree is None:
             continue
@@ -78,6 +81,21 @@ def to_layout(params: dict[str, Any], scan: bool) -> dict[str, Any]:
         elif not scan and "blocks" in tree:
             out[name] = unstack_blocks(tree)
     return out
+
+
+def write_params(directory: Path, params: Any, overwrite: bool) -> None:
+    """Save `params` under `directory/params` with Orbax (every process calls this)."""
+    if (directory / "params").exists():
+        if not overwrite:
+            raise FileExistsError(f"{directory} already holds a saved model")
+        if jax.process_index() == 0:
+            shutil.rmtree(directory / "params")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"m3ae-write-params-{directory}")
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", jax.tree.map(np.asarray, params))
+    checkpointer.wait_until_finished()
 
 
 def save_pretrained(
@@ -105,18 +123,7 @@ def save_pretrained(
     if preprocess is None and tokenizer is not None:
         raise ValueError("a tokenizer is saved with its preprocess settings: pass preprocess too")
     prep = None if preprocess is None else check_preprocess(preprocess)
-    if (directory / "params").exists():
-        if not overwrite:
-            raise FileExistsError(f"{directory} already holds a pretrained model")
-        if jax.process_index() == 0:
-            shutil.rmtree(directory / "params")
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"m3ae-save-pretrained-{directory}")
-    directory.mkdir(parents=True, exist_ok=True)
-    params = jax.tree.map(np.asarray, to_layout(dict(params), scan=False))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / "params", params)
-    checkpointer.wait_until_finished()
+    write_params(directory, to_layout(dict(params), scan=False), overwrite)
     if jax.process_index() == 0:
         meta = {"format": FORMAT, "model": dict(config), **extra}
         if (directory / TOKENIZER_DIR).exists():
