@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lm.model import LM
-from m3ae.pretrained import to_layout, write_params
+from m3ae.pretrained import read_config, to_layout, write_params
 
 FORMAT = "m3ae-lm/1"
 STACKS = ("transformer",)
@@ -47,13 +47,7 @@ def save_lm(
 
 def read_lm_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The parsed `config.json` of an LM directory, with a clear error if it is not one."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a trained LM directory: no config.json")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not an LM ({FORMAT})")
-    return meta
+    return read_config(directory, FORMAT, "trained LM")
 
 
 def load_lm(directory: str | os.PathLike, **overrides: Any) -> tuple[LM, dict[str, Any]]:

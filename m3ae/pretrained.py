@@ -139,14 +139,17 @@ def save_pretrained(
     return directory
 
 
-def read_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed `config.json` of a pretrained directory, with a clear error if it is not one."""
+def read_config(
+    directory: str | os.PathLike, fmt: str = FORMAT, what: str = "pretrained M3AE"
+) -> dict[str, Any]:
+    """The parsed `config.json` of a model directory in format `fmt`, with a clear error if the
+    directory is not one (`what` names the expected kind in that error)."""
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a pretrained M3AE directory: no config.json")
+        raise FileNotFoundError(f"{directory} is not a {what} directory: no config.json")
     meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported format {meta.get('format')!r}, expected {FORMAT}")
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not a {what} one ({fmt})")
     return meta
 
 
