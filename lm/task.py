@@ -49,7 +49,7 @@ def lm_task(config: ml_collections.ConfigDict) -> Task:
     def save(directory, params, step):
         return save_lm(directory, params, cfg, overwrite=True, step=step, seq_len=length)
 
-    fcm = "T-FCM" if cfg.get("tfcm") else ("FCM" if cfg.get("fcm_eta", 0.15) > 0 else "causal")
+    fcm = "T-FCM" if model.tfcm else ("FCM" if model.fcm_eta > 0 else "causal")
     return Task(
         name=f"LM {config.model_size} ({fcm})",
         model=model,

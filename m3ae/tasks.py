@@ -12,7 +12,7 @@ family means writing one `Task`, not another trainer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ class Task:
     flops: Callable[[dict[str, int]], dict[str, float]]  # global stream sizes -> total, tokens
     save: Callable[[Path, Any, int], Any]  # (directory, host params, step): the final export
     pictures: Callable[[Any, int, Path, Any], Any] | None = None  # (params, step, workdir, mesh)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def rngs(self, key: jax.Array) -> dict[str, jax.Array]:
         return {name: jax.random.fold_in(key, i) for i, name in enumerate(self.rng_names)}
