@@ -104,7 +104,9 @@ def bench_variant(
     times = time_calls(compiled, args, repeats)
     cpu_per_wall = (time.process_time() - cpu0) / sum(times)
     batch = data["image"].shape[0]
-    flops = m3ae_flops_per_sample(cfg, data["image"].shape[1], data["text"].shape[1])
+    flops = m3ae_flops_per_sample(
+        cfg, data["image"].shape[1], data["text"].shape[1], masked_only=False
+    )
     median = statistics.median(times)
     return {
         "dtype": dtype,
@@ -141,7 +143,7 @@ def main() -> None:
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPUs")
     cfg = model_config(args.size)
-    breakdown = m3ae_flops_per_sample(cfg, args.image_size, args.text_length)
+    breakdown = m3ae_flops_per_sample(cfg, args.image_size, args.text_length, masked_only=False)
     print(f"\nanalytic training FLOPs per sample ({args.size}, 3x forward matmuls):")
     for name, f in breakdown.items():
         print(f"  {name:<16} {f / 1e9:9.3f} GFLOP  {100 * f / breakdown['total']:5.1f}%")

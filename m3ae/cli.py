@@ -69,6 +69,23 @@ def _import_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crossmodal(args: argparse.Namespace) -> int:
+    from m3ae.crossmodal import describe, evaluate_directory
+
+    if args.batch_size < 2 or args.batches < 1:
+        raise ValueError("--batch-size must be >= 2 and --batches >= 1")
+    metrics = evaluate_directory(
+        args.model, args.data, batch_size=args.batch_size, max_batches=args.batches
+    )
+    print(describe(metrics))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"model": args.model, "data": args.data, **metrics}, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3ae", description=__doc__.split("\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -116,15 +133,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_import_reference)
 
+    p = verbs.add_parser(
+        "crossmodal",
+        help="does the image help predict the masked words? (cross-modal gain on held-out pairs)",
+    )
+    p.add_argument("--model", required=True, help="model directory (m3ae.pretrained layout)")
+    p.add_argument("--data", required=True, help="held-out paired shards (brace pattern, dir)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=8, help="batches to average (fixed masks)")
+    p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    p.set_defaults(func=_crossmodal)
+
     from lm.cli import add_lm_commands
     from m3ae.embed import add_embed_command
     from m3ae.probe_cli import add_probe_command
     from pipelines.shard_writer import add_shards_command
+    from pipelines.vocab import add_vocab_command
 
     add_shards_command(verbs)
     add_embed_command(verbs)
     add_lm_commands(verbs)
     add_probe_command(verbs)
+    add_vocab_command(verbs)
     return parser
 
 

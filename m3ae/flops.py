@@ -23,9 +23,18 @@ STREAM_MODALITIES = {
 
 
 def m3ae_flops_per_sample(
-    cfg: dict[str, Any], image_size: int, text_length: int, image: bool = True, text: bool = True
+    cfg: dict[str, Any],
+    image_size: int,
+    text_length: int,
+    image: bool = True,
+    text: bool = True,
+    masked_only: bool = True,
 ) -> dict[str, int]:
-    """Training FLOPs per sample by component, for a sample with the given modalities."""
+    """Training FLOPs per sample by component, for a sample with the given modalities.
+
+    `masked_only`: the heads run at the removed positions only, as in training
+    (`M3AE(..., masked_only=True)`); False counts them over every position.
+    """
 
     def get(key: str) -> Any:  # model_config leaves most fields at the class defaults
         return cfg.get(key, getattr(M3AE, key))
@@ -53,8 +62,8 @@ def m3ae_flops_per_sample(
         "decoder_in_proj": 2 * t_enc * D * Dd,
         "decoder_proj": dec_proj,
         "decoder_attn": dec_attn,
-        "image_head": 2 * N * Dd * P,
-        "text_head": 2 * L * Dd * V,
+        "image_head": 2 * (N - k_img * masked_only) * Dd * P,
+        "text_head": 2 * (L - k_txt * masked_only) * Dd * V,
     }
     out = {k: 3 * v for k, v in forward.items()}
     out["total"] = sum(out.values())

@@ -39,6 +39,7 @@ class Mask(NamedTuple):
     keep_ids: Array  # (B, K) int32, positions in encoder order
     restore_ids: Array  # (B, L) int32, inverse permutation
     removed: Array  # (B, L) float32, 1 = removed, 0 = kept
+    remove_ids: Array  # (B, L - K) int32, the removed positions (what the heads predict)
 
 
 def mask_from_shuffle(shuffle: Array, keep: int) -> Mask:
@@ -46,7 +47,7 @@ def mask_from_shuffle(shuffle: Array, keep: int) -> Mask:
     shuffle = jnp.asarray(shuffle, jnp.int32)
     restore = jnp.argsort(shuffle, axis=-1).astype(jnp.int32)  # (B, L)
     removed = (restore >= keep).astype(jnp.float32)  # rank >= K means not kept
-    return Mask(shuffle[..., :keep], restore, removed)
+    return Mask(shuffle[..., :keep], restore, removed, shuffle[..., keep:])
 
 
 def shuffle_per_batch(rng: Array, batch: int, length: int) -> Array:

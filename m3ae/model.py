@@ -46,6 +46,8 @@ Array = jax.Array
 # Width / depth / heads of the encoder; the decoder is 512 / 8 / 16 for every paper size.
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(emb_dim=64, depth=2, num_heads=4, dec_emb_dim=32, dec_depth=1, dec_num_heads=4),
+    # The CPU demo's (configs/m3ae_pretrain.py:local): ~1.3M parameters with a 2k vocabulary.
+    "mini": dict(emb_dim=128, depth=4, num_heads=4, dec_emb_dim=64, dec_depth=2, dec_num_heads=4),
     "small": dict(emb_dim=384, depth=12, num_heads=6),
     "base": dict(emb_dim=768, depth=12, num_heads=12),
     "large": dict(emb_dim=1024, depth=24, num_heads=16),
@@ -60,7 +62,7 @@ def model_config(size: str, **overrides: Any) -> dict[str, Any]:
     if name not in SIZES:
         raise ValueError(f"unknown M3AE size {size!r}; choose one of {sorted(SIZES)}")
     cfg: dict[str, Any] = {**PAPER_DECODER, **SIZES[name]}
-    if name == "tiny":
+    if name in ("tiny", "mini"):
         cfg["patch_size"] = 8
     if patch:
         cfg["patch_size"] = int(patch)
@@ -109,6 +111,7 @@ class M3AE(nn.Module):
     vocab_size: int = 30522
     image_mask_ratio: float = 0.75
     text_mask_ratio: float = 0.75
+    use_text: bool = True  # False: image-only MAE, no text embedding, mask token or head at all
     image_loss_weight: float = 1.0
     text_loss_weight: float = 0.5
     unpaired_text_loss_weight: float = 0.5
@@ -143,20 +146,21 @@ class M3AE(nn.Module):
 
         self.cls_token = self.param("cls_token", small, (1, 1, D))
         self.image_embed = dense(D)
-        self.text_embed = nn.Embed(
-            self.vocab_size, D, embedding_init=nn.initializers.normal(1.0), dtype=dt
-        )
         self.enc_image_type = self.param("enc_image_type", small, (1, 1, D))
-        self.enc_text_type = self.param("enc_text_type", small, (1, 1, D))
         self.encoder = stack(self.depth, self.num_heads)
         self.dec_proj = dense(Dd)
         self.image_mask_token = self.param("image_mask_token", small, (1, 1, Dd))
-        self.text_mask_token = self.param("text_mask_token", small, (1, 1, Dd))
         self.dec_image_type = self.param("dec_image_type", small, (1, 1, Dd))
-        self.dec_text_type = self.param("dec_text_type", small, (1, 1, Dd))
         self.decoder = stack(self.dec_depth, self.dec_num_heads)
         self.image_head = dense(P)
-        self.text_head = dense(self.vocab_size)
+        if self.use_text:  # an MAE (use_text=False) has no text parameter at all
+            self.text_embed = nn.Embed(
+                self.vocab_size, D, embedding_init=nn.initializers.normal(1.0), dtype=dt
+            )
+            self.enc_text_type = self.param("enc_text_type", small, (1, 1, D))
+            self.text_mask_token = self.param("text_mask_token", small, (1, 1, Dd))
+            self.dec_text_type = self.param("dec_text_type", small, (1, 1, Dd))
+            self.text_head = dense(self.vocab_size)
 
     # --------------------------------------------------------------------------- embeddings
     def embed_image(self, image: Array) -> tuple[Array, Array]:
@@ -175,6 +179,8 @@ class M3AE(nn.Module):
     def _inputs(self, image, text, text_padding_mask):
         if image is None and text is None:
             raise ValueError("M3AE needs an image, a text, or both")
+        if text is not None and not self.use_text:
+            raise ValueError("this model was built image-only (use_text=False): it takes no text")
         if text is not None and text_padding_mask is None:
             text_padding_mask = jnp.zeros(text.shape, jnp.float32)
         return text_padding_mask
@@ -254,6 +260,7 @@ class M3AE(nn.Module):
         text_padding_mask: Array | None = None,
         image_shuffle: Array | None = None,
         text_shuffle: Array | None = None,
+        masked_only: bool = False,
     ) -> dict[str, Array]:
         """Masked autoencoding forward pass with losses.
 
@@ -261,6 +268,11 @@ class M3AE(nn.Module):
         `text_shuffle (B|1, L)` are given. Returns a dict with `loss`, the per-modality losses and
         accuracy, the per-example terms, `image_reconstruction (B, N, P)`, `text_logits
         (B, L, V)`, the masks and `encoder_output`.
+
+        `masked_only=True` (training) runs the prediction heads only at the removed positions,
+        the only ones the losses read: same losses and gradients, without the full-sequence
+        `image_reconstruction` / `text_logits` (a 30k-word head over every slot is most of a
+        small model's step).
         """
         text_padding_mask = self._inputs(image, text, text_padding_mask)
         B = (image if image is not None else text).shape[0]
@@ -295,15 +307,41 @@ class M3AE(nn.Module):
         encoded, _ = self.encoder(x, padding_mask(jnp.concatenate(pads, axis=1)))
         out["encoder_output"] = encoded
 
-        recon, logits = self.decode(encoded, image, image_mask, text, text_mask, text_padding_mask)
-        losses = self.losses(patches, image_mask, recon, text, text_mask, text_padding_mask, logits)
-        out.update(losses)
+        z_img, z_txt = self.decode(encoded, image, image_mask, text, text_mask, text_padding_mask)
+        image_target = text_target = None
         if image is not None:
-            out["image_reconstruction"] = recon
             out["image_mask"] = image_mask.removed
+            if masked_only:
+                z_img = gather_tokens(z_img, image_mask.remove_ids)  # (B, N - K_img, Dd)
+                image_target = (gather_tokens(patches, image_mask.remove_ids), None)
+            else:
+                image_target = (patches, image_mask.removed)
+            out["image_reconstruction"] = self.image_head(z_img)  # (B, N or N - K_img, P)
         if text is not None:
-            out["text_logits"] = logits
             out["text_mask"] = text_mask.removed
+            real = 1.0 - text_padding_mask.astype(jnp.float32)  # (B, L)
+            if masked_only:
+                ids = text_mask.remove_ids  # (B, L - K_txt)
+                z_txt = gather_tokens(z_txt, ids)
+                text_target = (
+                    jnp.take_along_axis(text, ids, axis=1),
+                    jnp.take_along_axis(real, ids, axis=1),
+                )
+            else:
+                text_target = (text, text_mask.removed * real)
+            out["text_logits"] = self.text_head(z_txt)  # (B, L or L - K_txt, V)
+        out.update(
+            self.losses(
+                out.get("image_reconstruction"),
+                image_target,
+                out.get("text_logits"),
+                text_target,
+            )
+        )
+        if masked_only:  # predictions at the removed positions only: not full-sequence outputs
+            out["image_prediction"] = out.pop("image_reconstruction", None)
+            out["text_prediction"] = out.pop("text_logits", None)
+            out = {k: v for k, v in out.items() if v is not None}
         return out
 
     def decode(
@@ -315,7 +353,8 @@ class M3AE(nn.Module):
         text_mask: Mask | None,
         text_padding_mask: Array | None,
     ) -> tuple[Array | None, Array | None]:
-        """Decoder: mask tokens back in place, full sequences, heads. -> (recon, logits)."""
+        """Decoder: mask tokens back in place over the full sequences -> decoder outputs
+        `(B, N, Dd)` for the image and `(B, L, Dd)` for the text (None where absent)."""
         B = encoded.shape[0]
         Dd = self.dec_emb_dim
         y = self.dec_proj(encoded)  # (B, 1+K_img+K_txt, Dd): one projection for every token
@@ -345,39 +384,42 @@ class M3AE(nn.Module):
 
         z = jnp.concatenate([p.astype(self.dtype) for p in parts], axis=1)  # (B, 1+N+L, Dd)
         z, _ = self.decoder(z, padding_mask(jnp.concatenate(pads, axis=1)))
-        recon = self.image_head(z[:, 1 : 1 + N]) if image is not None else None  # (B, N, P)
-        logits = self.text_head(z[:, 1 + N :]) if text is not None else None  # (B, L, V)
-        return recon, logits
+        z_img = z[:, 1 : 1 + N] if image is not None else None  # (B, N, Dd)
+        z_txt = z[:, 1 + N :] if text is not None else None  # (B, L, Dd)
+        return z_img, z_txt
 
     def losses(
         self,
-        patches: Array | None,
-        image_mask: Mask | None,
         recon: Array | None,
-        text: Array | None,
-        text_mask: Mask | None,
-        text_padding_mask: Array | None,
+        image_target: tuple[Array, Array | None] | None,
         logits: Array | None,
+        text_target: tuple[Array, Array] | None,
     ) -> dict[str, Array]:
         """Image MSE on removed patches and text cross-entropy on removed real tokens.
 
-        Both are averaged per example first, then over the batch (an example with nothing to
-        predict contributes 0). Total = `w_img * image + w_txt * text`, where the text weight is
+        `recon (B, M, P)` is scored against `image_target = (patches (B, M, P), weight (B, M))`
+        (weight None: every slot counts), `logits (B, M, V)` against `text_target = (ids (B, M),
+        weight (B, M))`; M is the full length, or the removed slots only. Both losses are
+        averaged per example first, then over the batch (an example with nothing to predict
+        contributes 0). Total = `w_img * image + w_txt * text`, where the text weight is
         `unpaired_text_loss_weight` for text-only batches.
         """
         out: dict[str, Array] = {}
         total = jnp.zeros((), jnp.float32)
         if recon is not None:
-            err = jnp.mean((recon.astype(jnp.float32) - patches) ** 2, axis=-1)  # (B, N)
-            m = image_mask.removed
-            per_example = jnp.sum(err * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+            patches, m = image_target
+            err = jnp.mean((recon.astype(jnp.float32) - patches) ** 2, axis=-1)  # (B, M)
+            if m is None:
+                per_example = jnp.sum(err, -1) / max(err.shape[-1], 1)
+            else:
+                per_example = jnp.sum(err * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
             out["image_loss_per_example"] = per_example
             out["image_loss"] = jnp.mean(per_example)
             total = total + self.image_loss_weight * out["image_loss"]
         if logits is not None:
-            valid = text_mask.removed * (1.0 - text_padding_mask.astype(jnp.float32))  # (B, L)
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (B, L, V)
-            nll = -jnp.take_along_axis(logp, text[:, :, None], axis=-1)[..., 0]  # (B, L)
+            text, valid = text_target
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (B, M, V)
+            nll = -jnp.take_along_axis(logp, text[:, :, None], axis=-1)[..., 0]  # (B, M)
             correct = (jnp.argmax(logits, axis=-1) == text).astype(jnp.float32)
             denom = jnp.maximum(jnp.sum(valid, -1), 1e-5)
             out["text_loss_per_example"] = jnp.sum(nll * valid, -1) / denom

@@ -5,8 +5,9 @@
     settings = read_preprocess("runs/m3ae-tiny")  # image_size, mean, std, text_length, tokenizer
 
 `config.json` holds `model` (the M3AE keyword arguments), `preprocess` (what the inputs must look
-like: image size, normalization, text length, tokenizer) and free metadata such as `step`. With
-a `preprocess` section the tokenizer's files are copied into `tokenizer/`, so the directory is
+like: image size, normalization, text length, tokenizer), optionally `trained_on` (the shards
+it was trained on, see `trained_on_record`) and free metadata such as `step`. With a
+`preprocess` section the tokenizer's files are copied into `tokenizer/`, so the directory is
 self-contained. Directories written before either existed still load: their preprocessing is
 read from the old top-level keys or the paper's defaults, and their tokenizer is the bundled
 BERT-uncased one.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,25 @@ def check_preprocess(preprocess: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def trained_on_record(
+    streams: Mapping[str, str | Sequence[str] | None], base_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """The `trained_on` section: `{"base_dir": ..., "streams": {name: [url spec, ...]}}`.
+
+    `streams` maps a stream name (the trainer's `paired`, `image_only`, `text_only`) to its url
+    specs as configured (a brace pattern, glob, directory or URL, `::`-joined, or a list; "" or
+    None = unused, stored as []). Specs are kept as written, not expanded (a CC12M pattern stays
+    one line); `base_dir` (default: the working directory) is recorded absolute so relative
+    specs still resolve when the model is used from elsewhere.
+    """
+    out: dict[str, list[str]] = {}
+    for name, urls in streams.items():
+        specs = [urls] if isinstance(urls, str) or urls is None else list(urls)
+        out[str(name)] = [str(u) for u in specs if u]
+    base = Path(os.getcwd() if base_dir is None else base_dir).absolute()
+    return {"base_dir": str(base), "streams": out}
+
+
 def to_layout(
     params: dict[str, Any], scan: bool, stacks: tuple[str, ...] = STACKS
 ) -> dict[str, Any]:
@@ -105,14 +125,18 @@ def save_pretrained(
     overwrite: bool = False,
     preprocess: Mapping[str, Any] | None = None,
     tokenizer: Any = None,
+    trained_on: Mapping[str, str | Sequence[str] | None] | None = None,
     **extra: Any,
 ) -> Path:
-    """Write `config.json` (model kwargs, `preprocess`, `extra` metadata), the params under
-    `params/` and, with `preprocess`, the tokenizer's files under `tokenizer/`.
+    """Write `config.json` (model kwargs, `preprocess`, `trained_on`, `extra` metadata), the
+    params under `params/` and, with `preprocess`, the tokenizer's files under `tokenizer/`.
 
     `preprocess` holds any of `DEFAULT_PREPROCESS`'s keys (the rest take the defaults); its
     `tokenizer` names a tokenizer directory ("" = bundled BERT-uncased). `tokenizer` is an
-    already-loaded Hugging Face tokenizer to write instead of loading that directory. In a
+    already-loaded Hugging Face tokenizer to write instead of loading that directory.
+    `trained_on` maps stream names to the url specs the parameters were trained on
+    (`trained_on_record`, relative specs resolved against the working directory); `m3ae probe`
+    keeps those samples out of its train and test sets. In a
     multi-process job every process must call this (Orbax synchronises the hosts); only process
     0 writes files.
     """
@@ -126,6 +150,8 @@ def save_pretrained(
     write_params(directory, to_layout(dict(params), scan=False), overwrite)
     if jax.process_index() == 0:
         meta = {"format": FORMAT, "model": dict(config), **extra}
+        if trained_on is not None:
+            meta["trained_on"] = trained_on_record(trained_on)
         if (directory / TOKENIZER_DIR).exists():
             shutil.rmtree(directory / TOKENIZER_DIR)  # no stale files of an earlier save
         if prep is not None:

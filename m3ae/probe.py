@@ -1,4 +1,4 @@
-"""Linear-probe evaluation of cached features: three evaluators behind one call, results in
+"""Probe evaluation of cached features: four evaluators behind one call, results in
 CLIP_benchmark's field names (`lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`).
 
     train_x, train_y = features_from_npy("train_x.npy", "train_y.npy")
@@ -7,21 +7,26 @@ CLIP_benchmark's field names (`lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`).
     save_confusion_png(result, class_names, "confusion.png")
     sweep = run_fewshot(train_x, train_y, test_x, test_y, 10)  # ridge, 1/5/10/25 shots x seeds
 
-Evaluators (`EVALUATORS`; fitters in `m3ae.probe_eval`, options are their keyword arguments):
+Evaluators (`EVALUATORS`; fitters in `m3ae.probe_eval`, `m3ae.probe_lars`, `m3ae.probe_knn`;
+options are their keyword arguments):
 
 * `ridge`: closed-form least squares onto {-1, +1} one-hot targets (big_vision's few-shot
   probe), lambda by exact leave-one-out on train. Deterministic and fast: the few-shot probe.
 * `linear`: the M3AE paper's probe, BN-style standardization + linear layer trained with LARS
-  (peak LR 0.1 * batch / 256, 10% warm-up then cosine, batch 256, 100 epochs by default).
+  (peak LR base_lr * batch / 256, 10% warm-up then cosine, batch 256, 100 epochs by default);
+  base_lr swept over 0.1..25.6 on a stratified 20% held-out split unless given.
 * `logistic`: multinomial logistic regression (L-BFGS), weight decay swept over 1e-6..1e2 on a
   stratified 20% held-out split of train, refit on all of train with the winner.
+* `knn`: DINO's weighted kNN on L2-normalized features (k = 20, votes exp(cos / 0.07)).
 
 A result holds, besides the three metrics (fractions in [0, 1]): `evaluator`, the chosen
 hyperparameters (top level, as CLIP_benchmark does, plus a `selection` record of the sweep),
 `seed`, `shots` (per-class train samples; None = full train set; also as `fewshot_k`),
-`train_size`, `test_size`, `num_classes`, `topk` (the k of `lp_acc5`: min(5, C)), `seconds`
-(fit + predict wall time, JIT compilation included) and `confusion_matrix` (C x C nested list,
-rows = true class, columns = prediction).
+`train_size`, `test_size`, `num_classes`, `train_acc1` (top-1 on the train features; kNN:
+leave-one-out), `converged` (False, with a warning printed, when an iterative fit stopped
+short), `topk` (the k of `lp_acc5`: min(5, C)), `seconds` (fit + predict wall time, JIT
+compilation included) and `confusion_matrix` (C x C nested list, rows = true class, columns =
+prediction).
 """
 
 from __future__ import annotations
@@ -37,14 +42,17 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from m3ae.probe_eval import linear_scores, logistic_scores, ridge_scores
+from m3ae.probe_eval import logistic_scores, ridge_scores
+from m3ae.probe_knn import knn_scores
+from m3ae.probe_lars import linear_scores
 
 # name -> fitter(train_x, train_y, test_x, num_classes, *, seed, **options)
-#          -> (test scores (M, C), chosen hyperparameters)
+#          -> (test scores (M, C), chosen hyperparameters incl. `train_acc1` and `converged`)
 EVALUATORS: dict[str, Callable[..., tuple[np.ndarray, dict[str, Any]]]] = {
     "ridge": ridge_scores,
     "linear": linear_scores,
     "logistic": logistic_scores,
+    "knn": knn_scores,
 }
 METRICS = ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall")
 FEWSHOT_SHOTS = (1, 5, 10, 25)
@@ -132,12 +140,21 @@ def run_probe(
             train_x, train_y, test_x, num_classes, seed=seed, **options
         )
     seconds = time.perf_counter() - start
+    if not chosen.get("converged", False):  # a fitter that does not say counts as unconverged
+        print(
+            f"probe: warning: the {name} fit did not converge (train top-1 "
+            f"{chosen.get('train_acc1')}); its test accuracy understates the features. "
+            f"See `converged` in the result (linear: set --opt base_lr / epochs).",
+            flush=True,
+        )
     metrics = classification_metrics(np.asarray(scores), test_y, num_classes)
     confusion = metrics.pop("confusion_matrix")
     return {
         **metrics,
         "evaluator": name,
         **chosen,
+        "converged": bool(chosen.get("converged", False)),
+        "train_acc1": chosen.get("train_acc1"),
         "seed": seed,
         "shots": shots,
         "fewshot_k": -1 if shots is None else shots,  # CLIP_benchmark's spelling of "full"

@@ -6,6 +6,7 @@
     m3ae probe --model m --dataset "shards:data/fm/train::data/fm/test" --evaluator logistic \
         --out runs/probe/x
     m3ae probe --dataset npy:feats/ --evaluator linear --opt epochs=50 --opt base_lr=6.4 --out o
+    m3ae probe --model m --dataset openclipart --evaluator knn --exclude-keys seen.txt --out o
 
     result = probe("runs/demo/model", "fashion-mnist", "ridge", "runs/probe/fm", limit=5000)
 
@@ -13,14 +14,21 @@ Datasets: see `m3ae.probe_data` (`fashion-mnist`, `mnist`, `openclipart`, `shard
 `npy:`). Features (the CLS output after the final LayerNorm, or `--pool mean`, unnormalized,
 float32) come from `m3ae.embed` and are cached under `OUT/features/`, so a second run with
 another evaluator embeds nothing. Evaluators (`m3ae.probe`): `ridge`, `linear` (the paper's
-LARS probe), `logistic` (weight-decay sweep on a held-out split, then refit), and `fewshot`
-(ridge at 1/5/10/25 shots x 5 seeds, plus the full-train ridge probe); `--opt KEY=VALUE` passes
-an evaluator option (JSON values). `--random-init` probes the same architecture with freshly
-initialised weights (the baseline a pretrained encoder must beat).
+LARS probe, base LR swept on a held-out split unless `--opt base_lr=`), `logistic` (weight-decay
+sweep on a held-out split, then refit), `knn` (DINO's weighted kNN: cosine, k = 20, T = 0.07)
+and `fewshot` (ridge at 1/5/10/25 shots x 5 seeds, plus the full-train ridge probe);
+`--opt KEY=VALUE` passes an evaluator option (JSON values). `--random-init` probes the same
+architecture with freshly initialised weights (the baseline a pretrained encoder must beat).
+
+Samples the model trained on are left out of both parts, by key (`m3ae.probe_exclude`): the
+keys of the shards in the model directory's `trained_on` record (also for `--random-init` of
+that model, so both see the same sets; `--no-exclude-trained` keeps them), of
+`--exclude-shards URLS` and of `--exclude-keys FILE`.
 
 Output: `OUT/probe.json` (CLIP_benchmark's `lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`, top
-level and under `metrics`, the chosen hyperparameters, `seed`, `shots`, plus `model`, `dataset`,
-`step`, `pool`, the class names and the confusion matrix) and `OUT/confusion.png`; each run also
+level and under `metrics`, the chosen hyperparameters, `seed`, `shots`, `train_acc1`,
+`converged`, plus `model`, `dataset`, `step`, `pool`, `excluded` (samples left out) and the
+`exclusion` record, the class names and the confusion matrix) and `OUT/confusion.png`; each run also
 keeps `probe_<evaluator>.json` and `confusion_<evaluator>.png`, so evaluators do not overwrite
 each other.
 """
@@ -48,9 +56,22 @@ from m3ae.probe import (
     save_confusion_png,
     save_result_json,
 )
-from m3ae.probe_data import DATASET_HELP, DEFAULT_CACHE, dataset_features, resolve_dataset
+from m3ae.probe_data import (
+    DATASET_HELP,
+    DEFAULT_CACHE,
+    Features,
+    dataset_features,
+    resolve_dataset,
+)
+from m3ae.probe_exclude import apply_exclusion, build_exclusion
 
 CHOICES = (*EVALUATORS, "fewshot")
+EVALUATOR_HELP = (
+    "ridge (closed form, lambda by leave-one-out), linear (the paper's LARS probe; base_lr swept "
+    "on a held-out split unless --opt base_lr=...), logistic (L-BFGS, weight decay swept), knn "
+    "(weighted k-nearest neighbours on L2-normalized features, DINO's protocol: --opt k=20 "
+    "--opt temperature=0.07), fewshot (ridge at --shots per class x --seeds)"
+)
 
 
 def random_init_model(
@@ -132,11 +153,16 @@ def probe(
     batch_size: int = 64,
     workers: int = 4,
     progress: bool = True,
+    exclude_trained: bool = True,
+    exclude_keys: str | os.PathLike | None = None,
+    exclude_shards: str | None = None,
 ) -> dict[str, Any]:
     """Probe `model_dir` (or a random init of it / of preset `random_init`; "" = of model_dir)
     on `dataset` with `evaluator`; writes `out/probe.json` + `out/confusion.png` and returns
     the result written. `image_size` overrides the model's (default: its config, else 256).
-    See the module docstring."""
+    Samples whose keys are in `model_dir`'s `trained_on` shards (unless not
+    `exclude_trained`), in the key file `exclude_keys` or in the shards `exclude_shards` are
+    left out. See the module docstring."""
     start = time.perf_counter()
     if evaluator not in CHOICES:
         raise ValueError(f"--evaluator {evaluator!r}: choose one of {list(CHOICES)}")
@@ -146,11 +172,15 @@ def probe(
     out.mkdir(parents=True, exist_ok=True)
     options = dict(options or {})
     meta: dict[str, Any] = {}
+    trained_on, trained_dir = None, None
     if model_dir is not None or random_init is not None:
         from m3ae.pretrained import read_config, read_preprocess
 
         if model_dir is not None:
             meta = read_config(model_dir)  # fails early, naming the directory
+            # A random init of this model is compared with it: both leave out the same samples.
+            trained_on = meta.get("trained_on") if exclude_trained else None
+            trained_dir = str(Path(model_dir).absolute())
         if random_init is not None:
             model_dir = random_init_model(out, random_init or None, model_dir, seed, image_size)
             print(f"probe: random init in {model_dir}", flush=True)
@@ -160,7 +190,13 @@ def probe(
     if model_dir is None and not dataset.startswith("npy:"):
         raise ValueError(f"--dataset {dataset}: images need --model DIR (or --random-init SIZE)")
     spec = resolve_dataset(dataset, cache_dir, limit, image_size or 256, None, progress)
+    exclusion: dict[str, Any] = {"excluded": 0, "sources": []}
     if spec.arrays is not None:
+        if exclude_keys is not None or exclude_shards is not None:
+            raise ValueError(f"--dataset {dataset}: npy features have no keys to exclude by")
+        if trained_on is not None:
+            print("probe: warning: npy features have no keys: trained_on not applied", flush=True)
+            exclusion["note"] = "npy features have no sample keys: nothing could be excluded"
         a = spec.arrays
         train_x, train_y, test_x, test_y = a["train_x"], a["train_y"], a["test_x"], a["test_y"]
         features: dict[str, Any] = {"source": dataset}
@@ -172,6 +208,10 @@ def probe(
         print(f"probe: image features of {dataset} -> {feature_dir}", flush=True)
         train, test, features = dataset_features(
             spec, model_dir, feature_dir, pool, image_size, batch_size, workers, progress
+        )
+        # After the cache: it holds every sample whatever is excluded, so it is never stale.
+        train, test, exclusion = _exclude(
+            train, test, trained_on, trained_dir, exclude_keys, exclude_shards, dataset
         )
         train_x, train_y, test_x, test_y = train.x, train.y, test.x, test.y
         features["dir"] = str(feature_dir)
@@ -192,7 +232,7 @@ def probe(
     else:
         result = run_probe(evaluator, *parts, seed=seed, **options)
     record = {
-        "task": "linear_probe",
+        "task": "knn" if evaluator == "knn" else "linear_probe",
         "dataset": dataset,
         "model": model_dir if random_init is None else f"random-init:{model_dir}",
         "pretrained": model_dir,
@@ -200,6 +240,8 @@ def probe(
         "pool": pool,
         "image_size": image_size,
         "limit": limit,
+        "excluded": exclusion["excluded"],
+        "exclusion": exclusion,
         "metrics": {m: result[m] for m in METRICS},
         **result,
         "classes": classes,
@@ -222,6 +264,40 @@ def probe(
     return record
 
 
+def _exclude(
+    train: Features,
+    test: Features,
+    trained_on: dict[str, Any] | None,
+    trained_dir: str | None,
+    key_file: str | os.PathLike | None,
+    shard_spec: str | None,
+    dataset: str,
+) -> tuple[Features, Features, dict[str, Any]]:
+    """`apply_exclusion` of the union of the requested key sets, with its log lines."""
+    exclusion = build_exclusion(trained_on, key_file, shard_spec, trained_dir)
+    if exclusion.unread:
+        print(
+            f"probe: warning: {len(exclusion.unread)} shard(s) the model trained on are not "
+            f"local files, so their samples are not excluded: {exclusion.unread[:3]}",
+            flush=True,
+        )
+    train, test, record = apply_exclusion(train, test, exclusion)
+    if exclusion.sources:
+        names = ", ".join(s["source"] for s in exclusion.sources)
+        print(
+            f"probe: excluded {record['excluded']} samples ({record['excluded_train']} train, "
+            f"{record['excluded_test']} test) of {len(exclusion.keys)} keys from {names}",
+            flush=True,
+        )
+    for part, left in (("train", train), ("test", test)):
+        if len(left.y) == 0:
+            raise ValueError(
+                f"--dataset {dataset}: no {part} sample is left after excluding "
+                f"{record['excluded']} (see --no-exclude-trained, --exclude-keys)"
+            )
+    return train, test, record
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
@@ -242,7 +318,7 @@ def add_probe_command(subparsers: Any) -> argparse.ArgumentParser:
         help="probe a fresh init: of --model's architecture, or of preset SIZE (tiny, base, ...)",
     )
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
-    p.add_argument("--evaluator", choices=CHOICES, default="ridge")
+    p.add_argument("--evaluator", choices=CHOICES, default="ridge", help=EVALUATOR_HELP)
     p.add_argument("--out", required=True, help="output dir (features cached in OUT/features)")
     p.add_argument("--pool", choices=("cls", "mean"), default="cls")
     p.add_argument("--limit", type=int, default=None, help="at most N samples per split")
@@ -257,6 +333,19 @@ def add_probe_command(subparsers: Any) -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="evaluator option (repeatable), e.g. --opt epochs=50 --opt weight_decay=1e-3",
+    )
+    p.add_argument(
+        "--exclude-keys", metavar="FILE", help="leave out the samples keyed in FILE (one a line)"
+    )
+    p.add_argument(
+        "--exclude-shards", metavar="URLS", help="leave out the samples of these shards (by key)"
+    )
+    p.add_argument(
+        "--no-exclude-trained",
+        dest="exclude_trained",
+        action="store_false",
+        help="keep the samples of the shards in the model's trained_on record (left out by "
+        "default; counted as `excluded` in probe.json)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="embedding batch")
     p.add_argument("--workers", type=int, default=4, help="decode threads")
@@ -283,5 +372,8 @@ def run_probe_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         progress=args.progress,
+        exclude_trained=args.exclude_trained,
+        exclude_keys=args.exclude_keys,
+        exclude_shards=args.exclude_shards,
     )
     return 0

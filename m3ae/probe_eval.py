@@ -1,19 +1,21 @@
-"""The three linear-probe fitters behind `m3ae.probe`: each maps cached train features to class
-scores for the test features and reports the hyperparameters it settled on.
+"""The closed-form and L-BFGS linear-probe fitters behind `m3ae.probe`: each maps cached train
+features to class scores for the test features and reports the hyperparameters it settled on,
+its accuracy on the train features (`train_acc1`) and whether the fit `converged`.
 
     scores, chosen = ridge_scores(train_x, train_y, test_x, num_classes, seed=0)
 
 * `ridge_scores`: closed-form regularized least squares onto {-1, +1} one-hot targets (the
   big_vision few-shot probe). lambda is picked by exact leave-one-out on the train set.
-* `linear_scores`: the M3AE/MAE linear probe, a linear layer trained with LARS on standardized
-  features (softmax cross-entropy, warm-up + cosine, no weight decay).
 * `logistic_scores`: multinomial logistic regression, full-batch L-BFGS, weight decay swept on a
   stratified 20% held-out split of train, then refit on all of train.
 
-All fitters standardize with the train set's statistics: center by the per-dimension mean and
-divide by the per-dimension std (no whitening rotation; dimensions that are constant on train are
-left unscaled). This is also what a non-affine BatchNorm computes at inference from its running
-statistics, which is why the `linear` probe uses it in place of a BN layer.
+The paper's LARS probe is `m3ae.probe_lars.linear_scores`, the kNN classifier
+`m3ae.probe_knn.knn_scores`.
+
+All linear fitters standardize with the train set's statistics: center by the per-dimension mean
+and divide by the per-dimension std (no whitening rotation; dimensions that are constant on train
+are left unscaled). This is also what a non-affine BatchNorm computes at inference from its
+running statistics, which is why the `linear` probe uses it in place of a BN layer.
 """
 
 from __future__ import annotations
@@ -121,140 +123,17 @@ def ridge_scores(
     best = max(range(len(grid)), key=lambda i: loo[i])
     lam = grid[best]
     scores = (lt / (eigs + lam)) @ r + y_mean
+    fitted = (a / (eigs + lam)) @ r + y_mean
     chosen = {
         "l2_reg": lam,
         "l2_selected_by": "fixed" if l2 is not None else "leave-one-out",
         "loo_acc1": loo[best][0],
+        "train_acc1": float(np.mean(fitted.argmax(axis=1) == train_y)),
+        "converged": True,  # an exact solve: nothing iterates
         "form": "primal" if primal else "dual",
         "selection": {"l2_grid": list(grid), "loo_acc1": [v[0] for v in loo]},
     }
     return scores, chosen
-
-
-# ------------------------------------------------------------------------------- linear (LARS)
-
-_TRUST_MASK = {"w": True, "b": False}  # MAE's LARS: trust ratio on matrices only, not the bias
-
-
-def _lars_train(
-    x: jax.Array,
-    y: jax.Array,
-    params: Params,
-    key: jax.Array,
-    lr_peak: jax.Array,
-    trust_coefficient: jax.Array,
-    batch: int,
-    epochs: int,
-    warmup_epochs: int,
-) -> tuple[Params, jax.Array]:
-    n = x.shape[0]
-    steps_per_epoch = n // batch
-    # The shape of the schedule is static; the peak LR stays a traced scalar (no recompiles).
-    shape = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=1.0,
-        warmup_steps=warmup_epochs * steps_per_epoch,
-        decay_steps=epochs * steps_per_epoch,
-        end_value=0.0,
-    )
-    opt = optax.lars(
-        lambda count: lr_peak * shape(count),
-        weight_decay=0.0,
-        weight_decay_mask=_TRUST_MASK,
-        trust_coefficient=trust_coefficient,
-        trust_ratio_mask=_TRUST_MASK,
-        momentum=0.9,
-    )
-
-    def loss_fn(p: Params, xb: jax.Array, yb: jax.Array) -> jax.Array:
-        logits = xb @ p["w"] + p["b"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    def step(carry: tuple, idx: jax.Array) -> tuple[tuple, jax.Array]:
-        p, state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(p, x[idx], y[idx])
-        updates, state = opt.update(grads, state, p)
-        return (optax.apply_updates(p, updates), state), loss
-
-    def epoch(_: jax.Array, carry: tuple) -> tuple:
-        p, state, key, _ = carry
-        key, sub = jax.random.split(key)
-        # Drop the ragged last batch (as MAE's loader does) so every step has a static shape.
-        order = jax.random.permutation(sub, n)[: steps_per_epoch * batch]
-        (p, state), losses = jax.lax.scan(step, (p, state), order.reshape(steps_per_epoch, batch))
-        return p, state, key, losses.mean()
-
-    carry = (params, opt.init(params), key, jnp.zeros((), x.dtype))
-    params, _, _, last_loss = jax.lax.fori_loop(0, epochs, epoch, carry)
-    return params, last_loss
-
-
-_lars_train_jit = jax.jit(_lars_train, static_argnames=("batch", "epochs", "warmup_epochs"))
-
-
-def linear_scores(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    test_x: np.ndarray,
-    num_classes: int,
-    *,
-    seed: int = 0,
-    epochs: int = 100,
-    warmup_epochs: int | None = None,
-    batch_size: int = 256,
-    base_lr: float = 0.1,
-    trust_coefficient: float = 0.001,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """The M3AE paper's (MAE's) linear probe on cached features: standardize (= non-affine BN at
-    inference), then a linear layer (weights ~ N(0, 0.01), zero bias) trained with LARS
-    (momentum 0.9, no weight decay, trust ratio on the weight matrix only), peak LR
-    `base_lr * batch / 256`, linear warm-up for `warmup_epochs` (default 10% of `epochs`) then
-    cosine decay to 0, softmax cross-entropy. The whole run is one jitted loop.
-
-    Caveat: with LARS each step moves the weights by about lr * trust_coefficient of their norm,
-    and with the LR scaled by batch/256 an epoch moves them ~ N * base_lr * tc / 256 in total,
-    so the recipe's schedule is tuned for ImageNet-sized N (MAE: batch 16384, peak LR 6.4). On
-    a few thousand samples 100 epochs barely move the random init (digits, N = 1257: 24% top-1
-    at the default, 98% at base_lr=6.4, MAE's actual peak LR); raise `base_lr` there.
-    """
-    x, t = standardize(train_x, test_x, dtype=np.float32)
-    n, d = x.shape
-    batch = min(batch_size, n)  # a few-shot set smaller than a batch is one full batch
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    warmup = max(1, round(0.1 * epochs)) if warmup_epochs is None else warmup_epochs
-    warmup = min(warmup, epochs - 1)  # leave at least one epoch of cosine decay
-    lr_peak = base_lr * batch / 256
-    key_init, key_shuffle = jax.random.split(jax.random.PRNGKey(seed))
-    params = {
-        "w": 0.01 * jax.random.truncated_normal(key_init, -2.0, 2.0, (d, num_classes)),
-        "b": jnp.zeros((num_classes,)),
-    }
-    params, last_loss = _lars_train_jit(
-        jnp.asarray(x),
-        jnp.asarray(train_y, jnp.int32),
-        params,
-        key_shuffle,
-        jnp.float32(lr_peak),
-        jnp.float32(trust_coefficient),
-        batch=batch,
-        epochs=epochs,
-        warmup_epochs=warmup,
-    )
-    w, b = np.asarray(params["w"]), np.asarray(params["b"])
-    chosen = {
-        "lr": lr_peak,
-        "base_lr": base_lr,
-        "batch_size": batch,
-        "epochs": epochs,
-        "warmup_epochs": warmup,
-        "optimizer": "lars",
-        "momentum": 0.9,
-        "trust_coefficient": trust_coefficient,
-        "weight_decay": 0.0,
-        "final_train_loss": float(last_loss),
-    }
-    return t @ w + b, chosen
 
 
 # ------------------------------------------------------------------------- logistic (L-BFGS)
@@ -376,14 +255,15 @@ def logistic_scores(
         lam, selected_by = float(sorted(weight_decays)[len(weight_decays) // 2]), "default"
     else:
         grid = sorted((float(v) for v in weight_decays), reverse=True)
-        accs, iters, solutions = [], [], []
+        accs, iters, done, solutions = [], [], [], []
         for lam in grid:
             # Warm start from the previous (stronger-decay) solution: the path is smooth and
             # the small-decay fits, which converge slowest, start close to their optimum.
-            init, count, _ = fit(fit_rows, lam, init, sweep_tol)
+            init, count, gnorm = fit(fit_rows, lam, init, sweep_tol)
             val_scores = x[val_rows] @ np.asarray(init["w"]) + np.asarray(init["b"])
             accs.append(float(np.mean(val_scores.argmax(axis=1) == y[val_rows])))
             iters.append(int(count))
+            done.append(bool(float(gnorm) < sweep_tol))
             solutions.append(init)
         best = max(range(len(grid)), key=lambda i: (accs[i], grid[i]))
         lam, selected_by, init = grid[best], "held-out", solutions[best]
@@ -391,11 +271,13 @@ def logistic_scores(
             "weight_decays": grid,
             "val_acc1": accs,
             "iterations": iters,
+            "converged": done,
             "tol": sweep_tol,
             "fit_size": len(fit_rows),
             "val_size": len(val_rows),
         }
     params, count, gnorm = fit(np.arange(len(y)), lam, init)
+    w, b = np.asarray(params["w"]), np.asarray(params["b"])
     chosen = {
         "weight_decay": lam,
         "weight_decay_selected_by": selected_by,
@@ -403,6 +285,11 @@ def logistic_scores(
         "optimizer": "lbfgs",
         "iterations": int(count),
         "grad_norm": float(gnorm),
+        "tol": tol,
+        # L-BFGS stops at the gradient tolerance, at max_iter, or on a failed line search:
+        # only the first is a converged fit.
+        "converged": bool(float(gnorm) < tol),
+        "train_acc1": float(np.mean((x @ w + b).argmax(axis=1) == y)),
         "selection": selection,
     }
-    return t @ np.asarray(params["w"]) + np.asarray(params["b"]), chosen
+    return t @ w + b, chosen

@@ -11,6 +11,7 @@ family means writing one `Task`, not another trainer.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,19 +62,84 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
 
 
 # ------------------------------------------------------------------------------------- M3AE
+CAPTION_VOCAB = "captions:"  # data.tokenizer = "captions:2048": learn one from the train shards
+
+
+def resolve_tokenizer(
+    config: ml_collections.ConfigDict, workdir: Path
+) -> ml_collections.ConfigDict:
+    """`data.tokenizer = "captions:N"` -> a WordPiece vocabulary of at most N tokens learnt from
+    the captions of the training shards (paired and text-only; `pipelines.vocab`), written once
+    to `<workdir>/tokenizer` and reused on resume. Returns a copy of `config` naming that
+    directory; any other value is returned as it is.
+
+    Every process learns the same vocabulary (deterministic); process 0 keeps it in the workdir,
+    the others in a private directory, so no two processes write one file.
+    """
+    spec = str(config.data.get("tokenizer", "") or "")
+    if not spec.startswith(CAPTION_VOCAB):
+        return config
+    try:
+        size = int(spec[len(CAPTION_VOCAB) :])
+    except ValueError:
+        raise ValueError(f"data.tokenizer={spec!r}: expected captions:<vocab size>") from None
+    import shutil
+    import tempfile
+
+    from pipelines.vocab import train_caption_vocab
+
+    data = config.data
+    urls = [data[name].urls for name in ("paired", "text_only") if data[name].urls]
+    if not urls:
+        raise ValueError(f"data.tokenizer={spec!r} needs paired or text-only training shards")
+    final = workdir / "tokenizer"
+    if jax.process_index() != 0:
+        final = Path(tempfile.mkdtemp(prefix="m3ae-vocab-")) / "tokenizer"
+    if not (final / "vocab.txt").is_file():
+        scratch = Path(tempfile.mkdtemp(prefix="m3ae-vocab-", dir=final.parent))
+        train_caption_vocab(urls, scratch / "tokenizer", size)
+        shutil.rmtree(final, ignore_errors=True)  # a partial one from a killed run
+        os.replace(scratch / "tokenizer", final)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if jax.process_index() == 0:
+            tokens = len((final / "vocab.txt").read_text().splitlines())
+            print(f"learnt a {tokens}-token caption vocabulary (at most {size}) into {final}")
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.data.tokenizer = str(final)
+    return out
+
+
+def vocab_size(config: ml_collections.ConfigDict) -> int:
+    """`model.vocab_size`, or when it is 0 (or absent) the size of `data.tokenizer`'s vocabulary."""
+    from pipelines.tokenizer import BERT_VOCAB_SIZE, load_tokenizer
+
+    size = int(config.model.get("vocab_size", 0) or 0)
+    tokenizer = config.data.get("tokenizer", "")
+    if not tokenizer:
+        return size or BERT_VOCAB_SIZE
+    have = len(load_tokenizer(tokenizer))
+    if size and size < have:
+        raise ValueError(
+            f"model.vocab_size={size} is smaller than the {have} tokens of data.tokenizer "
+            f"{tokenizer}; set model.vocab_size=0 to take the tokenizer's size"
+        )
+    return size or have
+
+
 def m3ae_task(config: ml_collections.ConfigDict) -> Task:
-    cfg = model_config(config.model_size, **config.model)
+    cfg = model_config(config.model_size, **{**config.model, "vocab_size": vocab_size(config)})
     model = M3AE(**cfg)
     data = config.data
     mean, std = tuple(data.mean), tuple(data.std)
     size, length = data.image_size, data.text_length
-    sample = {
-        "image": np.zeros((1, size, size, 3), np.uint8),
-        "text": np.zeros((1, length), np.int32),
-        "text_padding_mask": np.zeros((1, length), np.float32),
-    }  # both modalities: every parameter exists
-    held_out = held_out_batch(config)
+    sample = {"image": np.zeros((1, size, size, 3), np.uint8)}
+    if model.use_text:  # both modalities: every parameter exists
+        sample["text"] = np.zeros((1, length), np.int32)
+        sample["text_padding_mask"] = np.zeros((1, length), np.float32)
+    held_out = held_out_batch(config, text=model.use_text)
     inputs = lambda b: model_inputs(b, mean, std)  # noqa: E731
+    # Training reads the losses only: the heads run at the removed positions alone.
+    train_inputs = lambda b: {**inputs(b), "masked_only": True}  # noqa: E731
 
     def loaders(global_batch, process_index, process_count, seed, state):
         return build_loaders(data, global_batch, process_index, process_count, seed, state)
@@ -81,7 +147,11 @@ def m3ae_task(config: ml_collections.ConfigDict) -> Task:
     def save(directory, params, step):
         prep = dict(image_size=size, text_length=length, mean=mean, std=std)  # what it saw
         prep["tokenizer"] = data.tokenizer  # its files are copied into the model directory
-        return save_pretrained(directory, params, cfg, overwrite=True, step=step, preprocess=prep)
+        # What it trained on, so `m3ae probe` can keep those samples out of its sets.
+        seen = {name: data[name].urls for name in ("paired", "image_only", "text_only")}
+        return save_pretrained(
+            directory, params, cfg, overwrite=True, step=step, preprocess=prep, trained_on=seen
+        )
 
     def pictures(params, step, workdir, mesh):
         return save_pictures(
@@ -89,11 +159,11 @@ def m3ae_task(config: ml_collections.ConfigDict) -> Task:
         )
 
     return Task(
-        name=f"M3AE {config.model_size}",
+        name=f"{'M3AE' if model.use_text else 'MAE'} {config.model_size}",
         model=model,
         model_config=cfg,
         inputs=inputs,
-        train_inputs=inputs,
+        train_inputs=train_inputs,
         rng_names=("noise",),
         sample=sample,
         metrics=("image_loss", "text_loss", "text_accuracy"),
@@ -104,11 +174,14 @@ def m3ae_task(config: ml_collections.ConfigDict) -> Task:
     )
 
 
-def held_out_batch(config: ml_collections.ConfigDict, count: int = 8) -> dict[str, np.ndarray]:
-    """A fixed set of evaluation-mode pictures (and captions): first `count` of the val shards."""
+def held_out_batch(
+    config: ml_collections.ConfigDict, count: int = 8, text: bool = True
+) -> dict[str, np.ndarray]:
+    """A fixed set of evaluation-mode pictures (and captions, for a model with `text`): the
+    first `count` of the val shards."""
     data = config.data
     urls = data.val_urls or data.paired.urls or data.image_only.urls
-    kind = "paired" if (data.val_urls or data.paired.urls) else "image"
+    kind = "paired" if text and (data.val_urls or data.paired.urls) else "image"
     loader = Loader(
         urls,
         kind=kind,

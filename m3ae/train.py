@@ -26,13 +26,14 @@ import ml_collections
 from tqdm import tqdm
 
 from m3ae.checkpoint import Checkpoints
+from m3ae.crossmodal import describe as describe_crossmodal
 from m3ae.evaluate import EvalContext, run_hooks
 from m3ae.flops import measure_matmul_peak
 from m3ae.metrics import MetricsLogger
 from m3ae.optim import make_optimizer
 from m3ae.sharding import global_batch, make_mesh, replicated, tree_shardings
 from m3ae.step import init_state, make_train_step
-from m3ae.tasks import make_task
+from m3ae.tasks import make_task, resolve_tokenizer
 from pipelines.mix import Batches, MixedLoader, Prefetch
 
 
@@ -64,6 +65,7 @@ def train(
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     total_steps, steps_per_epoch = schedule_length(config)
     tx, schedule = make_optimizer(config.optim, total_steps, steps_per_epoch)
+    config = resolve_tokenizer(config, workdir_path)  # "captions:N": learn it (once)
     task = make_task(config)
     init, rng = init_state(task, tx, config.seed)
     abstract = jax.eval_shape(init, rng)
@@ -133,7 +135,7 @@ def train(
         dynamic_ncols=True,
         disable=not (is_main and progress),
     )
-    step, first_loss, last, eval_cache = start_step, None, {}, {}
+    step, first_loss, last, eval_cache, last_eval = start_step, None, {}, {}, {}
     window_start, wait, window_steps = time.perf_counter(), 0.0, 0
     run_start = time.perf_counter()
     while step < total_steps:
@@ -191,6 +193,7 @@ def train(
             )
             results = run_hooks(ctx)
             if results:
+                last_eval = results
                 logger.write(step, {"eval": results})
                 if is_main:
                     bar.write(
@@ -211,7 +214,12 @@ def train(
         "last_loss": last.get("loss"),
         "seconds": time.perf_counter() - run_start,
         "model": str(workdir_path / "model"),
+        "eval": last_eval,
     }
+    prefix = "crossmodal/"
+    crossmodal = {k[len(prefix) :]: v for k, v in last_eval.items() if k.startswith(prefix)}
+    if is_main and crossmodal:
+        print(describe_crossmodal(crossmodal))
     if is_main:
         (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -151,6 +151,44 @@ def _read_tar(url: str, skip: int) -> Iterator[RawSample]:
         yield current
 
 
+def shard_keys(url: str) -> list[str]:
+    """The sample keys of one tar shard, in file order, from its member names alone.
+
+    The same rule as `read_shard` (key = member name up to the first dot of the file name;
+    metadata such as `__index__` and members without an extension are not samples), so a key
+    listed here is the key the loader and `m3ae embed` report. A local file is opened for random
+    access, which reads the 512-byte headers and seeks over the data: no member is read or
+    decoded. A damaged shard yields the keys before the damage (the loader never delivers the
+    rest either); a file that cannot be opened raises.
+    """
+    if url.lower().endswith(TEXT_FILE_SUFFIXES):
+        return []  # text-only lines: no image samples
+    keys: list[str] = []
+    if "://" in url or url.startswith("pipe:"):
+        stream = _open(url)  # a remote shard can only be streamed: read, still not decoded
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo)
+    else:
+        stream = None
+        tar = tarfile.open(url, mode="r:*", tarinfo=_CheckedTarInfo)
+    try:
+        for member in tar:
+            match = _KEY_RE.match(member.name) if member.isfile() else None
+            if match is None or os.path.basename(member.name).startswith(("__", ".")):
+                continue
+            if not keys or keys[-1] != match.group(1):
+                keys.append(match.group(1))
+        damage = getattr(tar, "m3ae_damage", None)
+        if damage is not None:
+            _log_error(url, tarfile.ReadError(f"damaged tar header: {damage}"))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        _log_error(url, e)
+    finally:
+        tar.close()
+        if stream is not None:
+            stream.close()
+    return keys
+
+
 def _read_text_file(url: str, skip: int) -> Iterator[RawSample]:
     """Each non-blank line is a text-only sample; JSONL lines give `text` or `caption`."""
     jsonl = url.lower().endswith((".jsonl", ".json"))

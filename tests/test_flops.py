@@ -10,8 +10,11 @@ from m3ae.flops import m3ae_flops_per_sample, step_flops
 from m3ae.model import M3AE, model_config
 
 
-@pytest.mark.parametrize("image, text", [(True, True), (True, False), (False, True)])
-def test_analytic_flops_match_xla(image, text):
+@pytest.mark.parametrize(
+    "image, text, masked_only",
+    [(True, True, True), (True, True, False), (True, False, True), (False, True, True)],
+)
+def test_analytic_flops_match_xla(image, text, masked_only):
     cfg = model_config("small", depth=2, dec_depth=1)
     model = M3AE(**cfg)
     B, S, L = 2, 64, 16
@@ -25,11 +28,15 @@ def test_analytic_flops_match_xla(image, text):
         lambda: model.init(rngs, image=jnp.zeros((1, S, S, 3)), text=jnp.ones((1, L), jnp.int32))
     )
     step = jax.jit(
-        jax.grad(lambda p: model.apply(p, **kwargs, rngs={"noise": rngs["noise"]})["loss"])
+        jax.grad(
+            lambda p: model.apply(
+                p, **kwargs, masked_only=masked_only, rngs={"noise": rngs["noise"]}
+            )["loss"]
+        )
     )
     cost = step.lower(params).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    analytic = B * m3ae_flops_per_sample(cfg, S, L, image, text)["total"]
+    analytic = B * m3ae_flops_per_sample(cfg, S, L, image, text, masked_only)["total"]
     assert 0.9 < cost["flops"] / analytic < 1.1, (cost["flops"], analytic)
 
 

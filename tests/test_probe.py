@@ -19,11 +19,13 @@ from m3ae.probe import (
     save_result_json,
 )
 from m3ae.probe_eval import LOGISTIC_WEIGHT_DECAYS, standardize, stratified_split
+from m3ae.probe_knn import knn_scores
+from m3ae.probe_lars import LINEAR_BASE_LRS
 
 # The paper's LARS recipe moves the weights ~N * base_lr * 0.001 / 256 per epoch, too little for
 # ~1k-sample sets in a few dozen epochs (see linear_scores); 6.4 is MAE's actual peak LR.
 FAST_LINEAR = {"epochs": 40, "base_lr": 6.4}
-OPTIONS = {"ridge": {}, "linear": FAST_LINEAR, "logistic": {}}
+OPTIONS = {"ridge": {}, "linear": FAST_LINEAR, "logistic": {}, "knn": {}}
 
 
 def blobs(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int):
@@ -53,6 +55,7 @@ def test_separated_blobs_are_solved(name):
     result = run_probe(name, x[:600], y[:600], x[600:], y[600:], 6, **OPTIONS[name])
     assert result["lp_acc1"] >= 0.99, result
     assert result["lp_mean_per_class_recall"] >= 0.99
+    assert result["converged"] is True and result["train_acc1"] >= 0.99
 
 
 @pytest.mark.parametrize("name", sorted(EVALUATORS))
@@ -210,3 +213,80 @@ def test_inputs_are_checked(tmp_path):
     np.save(tmp_path / "float_y.npy", y.astype(np.float32))
     with pytest.raises(ValueError, match="integers"):
         features_from_npy(tmp_path / "x.npy", tmp_path / "float_y.npy")
+
+
+def test_linear_default_lr_is_swept_and_convergence_reported(digits, capsys):
+    """The paper's base LR 0.1 leaves the LARS probe near its init on ~1k samples: flagged as
+    unconverged (with a warning line). Without base_lr the sweep finds a converged fit."""
+    x, y, tx, ty = digits
+    stalled = run_probe("linear", x, y, tx, ty, 10, base_lr=0.1)
+    assert stalled["converged"] is False and stalled["base_lr_selected_by"] == "fixed"
+    assert stalled["train_acc1"] < 0.5 and stalled["grad_norm"] > 0.5 * stalled["grad_norm_init"]
+    assert "warning: the linear fit did not converge" in capsys.readouterr().out
+
+    swept = run_probe("linear", x, y, tx, ty, 10)
+    assert swept["base_lr_selected_by"] == "held-out"
+    assert swept["selection"]["base_lrs"] == sorted(LINEAR_BASE_LRS)
+    assert swept["base_lr"] > 0.1 and swept["base_lr"] in LINEAR_BASE_LRS
+    assert swept["converged"] is True and swept["grad_norm"] < 0.1 * swept["grad_norm_init"]
+    assert swept["lp_acc1"] >= 0.9 and swept["train_acc1"] >= 0.95, swept
+    assert "did not converge" not in capsys.readouterr().out
+
+
+def test_logistic_reports_an_unconverged_fit(digits):
+    x, y, tx, ty = digits
+    r = run_probe("logistic", x, y, tx, ty, 10, weight_decay=1e-4, max_iter=2)
+    assert r["iterations"] == 2 and r["converged"] is False and r["grad_norm"] > r["tol"]
+    r = run_probe("logistic", x, y, tx, ty, 10, weight_decay=1e-4)
+    assert r["converged"] is True and r["train_acc1"] >= 0.95
+
+
+def brute_force_knn(x, y, tx, k, temperature, num_classes):
+    """DINO's rule written out per query: cosine, k nearest, exp(sim / T) votes."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    tx = tx / np.linalg.norm(tx, axis=1, keepdims=True)
+    scores = np.zeros((len(tx), num_classes))
+    for i, q in enumerate(tx):
+        sims = x @ q
+        for j in np.argsort(-sims)[:k]:
+            scores[i, y[j]] += np.exp(sims[j] / temperature)
+    return scores
+
+
+def test_knn_matches_the_rule_in_chunks():
+    rng = np.random.default_rng(5)
+    x, tx = rng.normal(size=(300, 12)), rng.normal(size=(50, 12))
+    y = rng.integers(0, 4, 300)
+    want = brute_force_knn(x, y, tx, 20, 0.07, 4)
+    got, chosen = knn_scores(x, y, tx, 4, chunk_rows=7)  # 50 queries: 8 chunks, last padded
+    np.testing.assert_array_equal(got.argmax(axis=1), want.argmax(axis=1))
+    # Scores are scaled per query (nearest neighbour = 1): compare the vote shares.
+    shares = lambda s: s / s.sum(axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(shares(got), shares(want), rtol=1e-4, atol=1e-6)
+    assert chosen["knn_k"] == 20 and chosen["knn_temperature"] == 0.07
+    assert knn_scores(x[:5], y[:5], tx, 4, k=20)[1]["knn_k"] == 5  # k capped by the train set
+
+
+def test_knn_votes_by_cosine_with_temperature_weights():
+    """Answers a wrong rule gets wrong: Euclidean distance, unweighted majority, self-votes."""
+    # Cosine, not distance: the query points along class 0 but lies nearer the class-1 points.
+    x = np.array([[0.1, 0.0], [0.1, 0.01], [0.0, 10.0], [0.01, 10.0]])
+    y = np.array([0, 0, 1, 1])
+    scores, _ = knn_scores(x, y, np.array([[8.0, 6.0]]), 2, k=2)
+    assert scores.argmax() == 0
+
+    # One very similar class-0 neighbour outweighs two half-similar class-1 ones at T = 0.07
+    # (e^14.3 vs 2 e^7.1); at T = 100 the votes are nearly equal and the majority wins.
+    angle = np.deg2rad([0.0, 60.0, -60.0, 180.0])
+    x, y, q = np.stack([np.cos(angle), np.sin(angle)], 1), np.array([0, 1, 1, 0]), [[1.0, 0.0]]
+    assert knn_scores(x, y, np.array(q), 2, k=3)[0].argmax() == 0
+    assert knn_scores(x, y, np.array(q), 2, k=3, temperature=100.0)[0].argmax() == 1
+    assert knn_scores(x, y, np.array(q), 2, k=1, temperature=100.0)[0].argmax() == 0
+
+    # Leave-one-out train accuracy: each point's only close neighbour has the other class, so
+    # it is 0 (a rule that let a point vote for itself would score 1).
+    dirs = np.eye(6)
+    x = np.concatenate([dirs, dirs + 0.01 * np.roll(dirs, 1, axis=1)])
+    y = np.concatenate([np.zeros(6, int), np.ones(6, int)])
+    _, chosen = knn_scores(x, y, x[:2], 2, k=1)
+    assert chosen["train_acc1"] == 0.0 and chosen["train_acc1_rows"] == 12

@@ -4,6 +4,7 @@ hook in a short training run."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ from m3ae.model import M3AE, model_config
 from m3ae.pretrained import save_pretrained
 from m3ae.probe_cli import probe
 from m3ae.probe_data import in_test, read_embeddings
+from pipelines.shards import read_shard, shard_keys
 from pipelines.sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 FAST = ["--no-progress", "--batch-size", "128", "--workers", "2"]
@@ -33,10 +35,15 @@ def fm_shards(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def tiny_params() -> tuple[dict, dict]:
     cfg = model_config("tiny", patch_size=8)
     x = dict(image=jax.numpy.zeros((1, 32, 32, 3)), text=jax.numpy.zeros((1, 16), int))
-    params = M3AE(**cfg).init(jax.random.PRNGKey(0), **x, method=M3AE.encode)["params"]
+    return cfg, M3AE(**cfg).init(jax.random.PRNGKey(0), **x, method=M3AE.encode)["params"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_params) -> Path:
+    cfg, params = tiny_params
     path = tmp_path_factory.mktemp("model") / "tiny"
     return save_pretrained(path, params, cfg, step=3, image_size=32, text_length=16)
 
@@ -168,9 +175,91 @@ def test_probe_hook_in_training(fm_shards, tmp_path):
     ]
     summary = train(load_config("m3ae_pretrain:local", overrides), str(tmp_path))
     assert summary["steps"] == 2
+    # The exported model says what it trained on, for `m3ae probe` to leave out.
+    trained_on = json.loads((tmp_path / "model" / "config.json").read_text())["trained_on"]
+    streams = {"paired": [fm_shards["train"]], "image_only": [], "text_only": []}
+    assert trained_on["streams"] == streams
+    assert Path(trained_on["base_dir"]).is_absolute()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval" in r]
     assert [r["step"] for r in evals] == [1, 2]
     for r in evals:
         assert set(r["eval"]) == {"probe/acc1", "probe/mean_per_class_recall"}
         assert 0.3 < r["eval"]["probe/acc1"] <= 1.0  # 10 classes: chance is 0.1
+
+
+def test_trained_on_shards_are_excluded(tiny_params, tmp_path, monkeypatch):
+    """A model directory whose trained_on names (by a pattern relative to the training run's
+    working directory) the first of three shards: its 40 keys leave the probe's set."""
+    data = tmp_path / "run"
+    argv = ["shards", "--source", "fashion-mnist", "--split", "test", "--limit", "120"]
+    argv += ["--samples-per-shard", "40", "--format", "png", "--no-progress"]
+    assert main([*argv, "--out", str(data / "fm")]) == 0
+    shards = sorted(str(p) for p in (data / "fm").glob("*.tar"))
+    assert len(shards) == 3
+    seen = shard_keys(shards[0])
+    assert seen == [s.key for s in read_shard(shards[0])] and len(seen) == 40
+    monkeypatch.chdir(data)  # the trainer's working directory: relative urls resolve here
+    cfg, params = tiny_params
+    model = save_pretrained(
+        tmp_path / "model",
+        params,
+        cfg,
+        image_size=32,
+        text_length=16,
+        trained_on={"paired": "fm/{00000..00000}.tar", "image_only": "", "text_only": "x.txt"},
+    )
+    monkeypatch.chdir(tmp_path)
+    streams = json.loads((model / "config.json").read_text())["trained_on"]
+    assert streams == {
+        "base_dir": str(data),
+        "streams": {"paired": ["fm/{00000..00000}.tar"], "image_only": [], "text_only": ["x.txt"]},
+    }
+
+    out, dataset = tmp_path / "out", f"shards:{data / 'fm'}"
+    r = probe(model, dataset, "knn", out, progress=False, workers=2)
+    json_r = json.loads((out / "probe.json").read_text())
+    assert json_r["excluded"] == r["excluded"] == 40
+    ex = json_r["exclusion"]
+    assert ex["excluded_test"] == sum(in_test(k) for k in seen)
+    assert ex["excluded_train"] == 40 - ex["excluded_test"]
+    assert ex["sources"][0]["source"] == "trained_on" and ex["sources"][0]["shards"] == 1
+    assert ex["sources"][0]["keys"] == 40 and ex["unread_shards"] == []
+    left = [f"fashion-mnist-test-{i:06d}" for i in range(40, 120)]
+    assert r["test_size"] == sum(in_test(k) for k in left)
+    assert r["train_size"] + r["test_size"] == 80
+    assert r["task"] == "knn" and r["knn_k"] == 20 and r["knn_temperature"] == 0.07
+    assert r["converged"] is True and 0.0 <= r["train_acc1"] <= 1.0
+
+    # The feature cache holds every sample: without the exclusion nothing is re-embedded.
+    r = probe(model, dataset, "ridge", out, progress=False, workers=2, exclude_trained=False)
+    assert r["excluded"] == 0 and r["train_size"] + r["test_size"] == 120
+    assert r["features"]["all"]["embedded_partitions"] == 0
+    # A random init of the model is probed on the same samples as the model itself.
+    r = probe(model, dataset, "ridge", out, random_init="", progress=False, workers=2)
+    assert r["excluded"] == 40 and r["train_size"] + r["test_size"] == 80
+
+
+def test_explicit_exclusion_lists(first_run, fm_shards, model_dir, tmp_path, capsys):
+    keys = [f"fashion-mnist-train-{i:06d}" for i in range(10)]
+    keys += [f"fashion-mnist-test-{i:06d}" for i in range(5)] + ["", "not-a-key"]
+    (tmp_path / "keys.txt").write_text("\n".join(keys) + "\n")
+    dataset = f"shards:{fm_shards['train']}::{fm_shards['test']}"
+    out = tmp_path / "out"
+    shutil.copytree(first_run / "features", out / "features")  # the same cache, not re-embedded
+    argv = ["probe", "--model", str(model_dir), "--dataset", dataset, "--out", str(out)]
+    assert main([*argv, *FAST, "--exclude-keys", str(tmp_path / "keys.txt")]) == 0
+    r = json.loads((out / "probe.json").read_text())
+    assert r["features"]["train"]["embedded_partitions"] == 0
+    assert r["excluded"] == 15 and r["exclusion"]["keys"] == 16
+    assert r["exclusion"]["excluded_train"] == 10 and r["exclusion"]["excluded_test"] == 5
+    assert r["train_size"] == 290 and r["test_size"] == 195
+    assert r["exclusion"]["sources"] == [
+        {"source": "exclude_keys", "file": str(tmp_path / "keys.txt"), "keys": 16}
+    ]
+    assert "excluded 15 samples (10 train, 5 test)" in capsys.readouterr().out
+    # Excluding the whole test shard leaves nothing to score on: an error, not an empty probe.
+    assert main([*argv, *FAST, "--exclude-shards", fm_shards["test"]]) == 2
+    assert "no test sample is left after excluding 200" in capsys.readouterr().err
+    assert main([*argv, *FAST, "--exclude-shards", str(tmp_path / "missing.tar")]) == 2
+    assert "not a local shard" in capsys.readouterr().err

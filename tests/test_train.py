@@ -43,7 +43,14 @@ def test_train_local_recipe_runs(clipart_shards, tmp_path):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     model, params = load_pretrained(tmp_path / "model")
-    assert model.emb_dim == 64 and "block_0" in params["encoder"]
+    assert model.emb_dim == 128 and "block_0" in params["encoder"]
+    # `data.tokenizer = "captions:2048"`: learnt from these shards, saved with the model.
+    from pipelines.tokenizer import load_tokenizer
+
+    vocab = (tmp_path / "tokenizer" / "vocab.txt").read_text().splitlines()
+    assert vocab[0] == "[PAD]" and 100 < len(vocab) <= 2048 and model.vocab_size == len(vocab)
+    assert len(load_tokenizer(tmp_path / "model" / "tokenizer")) == len(vocab)
+    assert params["text_head"]["kernel"].shape == (64, len(vocab))
 
 
 def test_train_with_unpaired_streams(clipart_shards, tmp_path):
