@@ -86,6 +86,35 @@ def _crossmodal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zeroshot(args: argparse.Namespace) -> int:
+    from m3ae.zeroshot import zeroshot
+
+    if args.batch_size < 1 or args.draws < 1:
+        raise ValueError("--batch-size and --draws must be >= 1")
+    result = zeroshot(
+        args.model,
+        args.data,
+        template=args.template,
+        batch_size=args.batch_size,
+        draws=args.draws,
+        limit=args.limit,
+        exclude_trained=not args.no_exclude_trained,
+    )
+    print(
+        f"zero-shot over {len(result['classes'])} classes, {result['samples']} pictures "
+        f"({result['excluded']} trained-on left out): top-1 "
+        f"{100 * result['likelihood']['acc1']:.1f}% by likelihood, "
+        f"{100 * result['pmi']['acc1']:.1f}% by PMI; chance {100 * result['chance']:.1f}%, "
+        f"majority class {100 * result['majority']:.1f}%"
+    )
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3ae", description=__doc__.split("\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -143,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=8, help="batches to average (fixed masks)")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
     p.set_defaults(func=_crossmodal)
+
+    p = verbs.add_parser(
+        "zeroshot", help="zero-shot classification by the caption likelihood the decoder gives"
+    )
+    p.add_argument("--model", required=True, help="model directory (m3ae.pretrained layout)")
+    p.add_argument("--data", required=True, help="labelled shards with classes.json beside them")
+    p.add_argument("--template", default="{label}", help='caption per class, e.g. "a {label}"')
+    p.add_argument("--batch-size", type=int, default=16, help="pictures per forward")
+    p.add_argument("--draws", type=int, default=4, help="random image masks averaged")
+    p.add_argument("--limit", type=int, default=None, help="at most N pictures")
+    p.add_argument("--no-exclude-trained", action="store_true", help="keep trained-on pictures")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.set_defaults(func=_zeroshot)
 
     from lm.cli import add_lm_commands
     from m3ae.embed import add_embed_command

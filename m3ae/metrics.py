@@ -3,6 +3,7 @@
 
     logger = MetricsLogger(workdir, tensorboard=True, wandb_project="", config=config_dict)
     logger.write(step, {"loss": 1.2, "data": {"paired": {"skipped": {...}}}})
+    logger.image(step, "reconstruction", "runs/demo/reconstruction_000100.png")
 """
 
 from __future__ import annotations
@@ -70,6 +71,24 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+
+    def image(self, step: int, name: str, path: str | os.PathLike) -> None:
+        """A saved picture (PNG) as a TensorBoard / wandb image summary; JSONL keeps its path."""
+        if not self.enabled or not Path(path).is_file():
+            return
+        if self._tb is not None or self._wandb is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as im:
+                pixels = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+            if self._tb is not None:
+                self._tb.add_image(name, pixels, step, dataformats="HWC")
+                self._tb.flush()
+            if self._wandb is not None:
+                import wandb
+
+                self._wandb.log({name: wandb.Image(pixels)}, step=step)
 
     def close(self) -> None:
         if self._file is not None:

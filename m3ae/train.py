@@ -186,7 +186,9 @@ def train(
         ckpt.save(step, state, step_data.state, config_dict, force=final)
         every = config.logging.get("pictures_every", 0)
         if task.pictures is not None and (final or (every and step % every == 0)):
-            task.pictures(state["params"], step, workdir_path, mesh)
+            picture = task.pictures(state["params"], step, workdir_path, mesh)
+            if picture is not None:
+                logger.image(step, "reconstruction", picture)
         if final or (config.eval.every and step % config.eval.every == 0):
             ctx = EvalContext(
                 config, task.model, state["params"], mesh, step, task.inputs, eval_cache

@@ -81,6 +81,28 @@ def test_crossmodal_gain_tells_a_model_that_sees_from_one_that_cannot(trained):
     assert "gain +" in describe(sees)
 
 
+def test_zeroshot_caption_scores_pick_the_picture_s_colour(trained):
+    """All caption tokens hidden, the decoder's likelihood names the colour of the picture; with
+    every picture zeroed it cannot (one answer for all)."""
+    from m3ae.zeroshot import caption_nll
+
+    model, params = trained
+    ids = jnp.asarray([[4 + c, 1, 2, 3] for c in range(3)], jnp.int32)  # (C, L): one per colour
+    pad = jnp.zeros(ids.shape)
+    batch = coloured_batch(jax.random.PRNGKey(77))
+    colour = np.asarray(batch["text"][:, 0]) - 4
+    rng = jax.random.PRNGKey(0)
+    scores = caption_nll(model, params, batch["image"], ids, pad, rng)  # (B, C)
+    assert scores.shape == (B, 3)
+    prior = caption_nll(model, params, None, ids, pad, rng)  # (C,)
+    # Trained with half the caption hidden, never all of it: well above chance (1/3), not perfect.
+    assert np.mean(np.argmin(scores, axis=1) == colour) > 0.55
+    assert np.mean(np.argmin(scores - prior[None, :], axis=1) == colour) > 0.55
+    blind = caption_nll(model, params, jnp.zeros_like(batch["image"]), ids, pad, rng)
+    assert len(set(np.argmin(blind, axis=1).tolist())) == 1
+    assert prior.shape == (3,)
+
+
 def test_crossmodal_is_deterministic(trained):
     model, params = trained
     a = crossmodal_metrics(model, params, held_out(2))

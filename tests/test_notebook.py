@@ -1,4 +1,5 @@
-"""notebooks/quickstart.ipynb executes end to end on a tiny model trained here for 4 steps."""
+"""notebooks/quickstart.ipynb executes end to end on a tiny model trained here for 4 steps;
+notebooks/transfer.ipynb shows the committed result of experiments/transfer.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from m3ae.train import train
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+TRANSFER_NOTEBOOK = NOTEBOOK.parent / "transfer.ipynb"
+TRANSFER_RESULT = NOTEBOOK.parent.parent / "experiments" / "results" / "transfer.json"
 
 
 def outputs(nb, kind: str) -> list:
@@ -22,12 +25,30 @@ def outputs(nb, kind: str) -> list:
     ]
 
 
-def test_notebook_is_committed_without_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("path", [NOTEBOOK, TRANSFER_NOTEBOOK], ids=lambda p: p.name)
+def test_notebook_is_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None
+
+
+def test_transfer_notebook_shows_the_committed_result(tmp_path):
+    """notebooks/transfer.ipynb reads experiments/results/transfer.json: a row per arm, a
+    line per seed and the bar chart."""
+    import json
+
+    result = json.loads(TRANSFER_RESULT.read_text())
+    nb = nbformat.read(TRANSFER_NOTEBOOK, as_version=4)
+    path = {"metadata": {"path": str(TRANSFER_NOTEBOOK.parent)}}
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources=path).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    for arm in result["summary"]:
+        assert f"\n{arm} | " in text, arm
+    for seed in result["seeds"]:
+        assert f"seed {seed}: " in text
+    assert len(outputs(nb, "image/png")) == 1
 
 
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -61,8 +82,8 @@ def test_quickstart_notebook_executes(clipart_shards, tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError, with the cell and traceback, if a cell fails
 
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "32 px" in text  # the trainer recorded its image size in the model directory
-    assert "100 + 100 images -> features (64,)" in text
+    assert "64 px" in text  # the trainer recorded its image size in the model directory
+    assert "100 + 100 images -> features (128,)" in text
     accuracy = float(re.search(r"probe accuracy on M3AE features: ([0-9.]+)", text).group(1))
     assert 0.1 < accuracy <= 1.0  # 10 classes: above chance even for a barely trained model
     pictures = outputs(nb, "image/png")

@@ -41,7 +41,8 @@ def test_train_local_recipe_runs(clipart_shards, tmp_path):
     assert (tmp_path / "reconstruction_000004.png").stat().st_size > 1000
     for key in ("samples_per_s", "tokens_per_s", "mfu", "data_wait_fraction", "nonfinite_steps"):
         assert all(np.isfinite(r[key]) for r in rows), key
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and b"reconstruction" in events[0].read_bytes()  # the image summary
     model, params = load_pretrained(tmp_path / "model")
     assert model.emb_dim == 128 and "block_0" in params["encoder"]
     # `data.tokenizer = "captions:2048"`: learnt from these shards, saved with the model.
