@@ -1,7 +1,8 @@
 """Does the text make the image features transfer better? M3AE vs MAE vs random init, on CPU.
 
-    .venv/bin/python experiments/transfer.py                  # ~60-80 min on 2 cores
+    .venv/bin/python experiments/transfer.py      # ~70 min on 2 quiet cores (estimate below)
     .venv/bin/python experiments/transfer.py --seeds 0 --steps 40 --out /tmp/t  # a quick pulse
+    .venv/bin/python experiments/transfer.py --collect   # the JSON of the runs finished so far
 
 The M3AE paper's claim (59.4 vs 45.2 ImageNet linear probe, ViT-B) at the scale of this
 machine. Arms, each pretrained with the `local` recipe (configs/m3ae_pretrain.py) on the demo's
@@ -18,7 +19,13 @@ on openclipart drawings it never saw (the probe's first 4,000 less the 2,000 tra
 `m3ae probe` leaves out the model's `trained_on` shards) and on Fashion-MNIST, with the ridge
 and the logistic probe, and scored by the cross-modal evaluation (m3ae/crossmodal.py) on the
 held-out shard. Writes `OUT/transfer.json` (every number, with means and standard deviations
-over seeds) and `OUT/transfer.png`. Finished runs and probes are reused when rerun.
+over seeds) and `OUT/transfer.png`, rewritten after every run (`complete` says whether all
+arms and seeds are in). Finished runs and probes are reused when rerun.
+
+Cost on this 2-core machine with nothing else running: a trained arm is ~5 min of pretraining
+(the demo's 372 steps) plus ~2 min of probes (4,000 openclipart drawings rendered once and
+cached; 2,000 + 2,000 Fashion-MNIST images), a random-init arm ~2 min: about 70 min for the
+default 3 seeds x 4 arms.
 """
 
 from __future__ import annotations
@@ -55,6 +62,14 @@ def run(cmd: list[str], log: Path) -> None:
         res = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=3600)
     if res.returncode != 0:
         raise RuntimeError(f"{cmd[3] if len(cmd) > 3 else cmd} failed; see {log}")
+
+
+def finished(work: Path, arm: str, seed: int) -> bool:
+    """Whether a run and all its probes are done (`--collect` gathers only those)."""
+    probes = work / "probes" / f"{arm}-s{seed}"
+    done = all((probes / n / f"probe.{e}.json").is_file() for n in PROBES for e in EVALUATORS)
+    model = work / "runs" / f"{'m3ae' if arm == 'random' else arm}-s{seed}" / "model"
+    return done and model.is_dir()
 
 
 def pretrain(arm: str, seed: int, out: Path, steps: int) -> dict[str, Any]:
@@ -145,12 +160,37 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_result(
+    args: argparse.Namespace, rows: list[dict[str, Any]], seconds: float, done: bool
+) -> dict[str, Any]:
+    """`OUT/transfer.json` and `OUT/transfer.png` from the rows so far (`complete` says which)."""
+    summary = summarize(rows)
+    result = {
+        "command": " ".join(sys.argv),
+        "complete": done,
+        "seeds": sorted({r["seed"] for r in rows}),
+        "steps": args.steps or "recipe",
+        "probes": PROBES,
+        "evaluators": EVALUATORS,
+        "seconds": seconds,
+        "load_average": os.getloadavg(),
+        "summary": summary,
+        "runs": rows,
+    }
+    (args.out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(summary, args.out / "transfer.png")
+    return summary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--arms", nargs="+", default=[*ARMS, "random"])
+    ap.add_argument("--arms", nargs="+", default=["m3ae", "mae", "random", "m3ae_text15"])
     ap.add_argument("--steps", type=int, default=0, help="> 0: fewer steps (a quick pulse)")
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
+    ap.add_argument(
+        "--collect", action="store_true", help="only gather finished runs: train nothing new"
+    )
     args = ap.parse_args()
     if unknown := set(args.arms) - {*ARMS, "random"}:
         ap.error(f"unknown arm(s) {sorted(unknown)}")
@@ -163,6 +203,8 @@ def main() -> int:
     for seed in args.seeds:
         for arm in args.arms:
             t0 = time.perf_counter()
+            if args.collect and not finished(work, arm, seed):
+                continue
             row: dict[str, Any] = {"arm": arm, "seed": seed, "probes": {}}
             base = work / "runs" / f"m3ae-s{seed}" / "model"
             if arm != "random":
@@ -184,6 +226,7 @@ def main() -> int:
             row["probe_mean"] = statistics.fmean(100 * p["lp_acc1"] for p in row["probes"].values())
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
+            write_result(args, rows, time.perf_counter() - start, done=False)  # partial
             gain = row.get("crossmodal", {}).get("crossmodal_gain")
             print(
                 f"{arm} seed {seed}: probes {row['probe_mean']:.2f}% mean, cross-modal gain "
@@ -191,20 +234,8 @@ def main() -> int:
                 + f" ({row['seconds']:.0f} s)",
                 flush=True,
             )
-    summary = summarize(rows)
-    result = {
-        "command": " ".join(sys.argv),
-        "seeds": args.seeds,
-        "steps": args.steps or "recipe",
-        "probes": PROBES,
-        "evaluators": EVALUATORS,
-        "seconds": time.perf_counter() - start,
-        "load_average": os.getloadavg(),
-        "summary": summary,
-        "runs": rows,
-    }
-    (args.out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(summary, args.out / "transfer.png")
+    every = len(rows) == len(args.seeds) * len(args.arms)  # --collect may find fewer
+    summary = write_result(args, rows, time.perf_counter() - start, done=every)
     for arm, entry in summary.items():
         cells = ", ".join(
             f"{k} {v['mean']:.2f}±{v['std']:.2f}" for k, v in entry.items() if "/" not in k

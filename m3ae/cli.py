@@ -69,6 +69,15 @@ def _import_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_json(path: str | None, record: dict) -> None:
+    """A command's result as JSON at `--out` (its folder made), when one is given."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"wrote {path}")
+
+
 def _crossmodal(args: argparse.Namespace) -> int:
     from m3ae.crossmodal import describe, evaluate_directory
 
@@ -78,11 +87,7 @@ def _crossmodal(args: argparse.Namespace) -> int:
         args.model, args.data, batch_size=args.batch_size, max_batches=args.batches
     )
     print(describe(metrics))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"model": args.model, "data": args.data, **metrics}, f, indent=2)
-        print(f"wrote {args.out}")
+    write_json(args.out, {"model": args.model, "data": args.data, **metrics})
     return 0
 
 
@@ -107,11 +112,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         f"{100 * result['pmi']['acc1']:.1f}% by PMI; chance {100 * result['chance']:.1f}%, "
         f"majority class {100 * result['majority']:.1f}%"
     )
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

@@ -48,6 +48,11 @@ def load_tokenizer(directory: str | os.PathLike | None = None):
     default = directory is None
     path = bert_tokenizer_dir() if default else Path(directory)
     if not path.is_dir():
+        if str(directory).startswith("captions:"):
+            raise FileNotFoundError(
+                f"tokenizer {directory!r} is learnt by the trainer into <workdir>/tokenizer; "
+                "elsewhere pass a directory (m3ae vocab writes one)"
+            )
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
     tok = AutoTokenizer.from_pretrained(str(path))
     if default:

@@ -21,7 +21,7 @@ def main(workdir: str) -> int:
     cross = {
         k.split("/", 1)[1]: v for k, v in summary.get("eval", {}).items() if "crossmodal/" in k
     }
-    print(f"== what runs/demo learned (step {summary.get('steps')}) ==")
+    print(f"== what {workdir} learned (step {summary.get('steps')}) ==")
     if cross:
         print(
             f"cross-modal gain on held-out drawings: {cross['crossmodal_gain']:+.3f} nats "

@@ -148,6 +148,7 @@ def test_killed_feeder_is_restarted_without_losing_a_sample(
 def test_build_loaders_picks_the_feeder(clipart_shards, monkeypatch):
     data = get_config("local").data
     data.paired.urls = "::".join(clipart_shards)
+    data.tokenizer = ""  # the bundled BERT-uncased: "captions:N" is learnt by the trainer
     data.workers = 1
     one = build_loaders(data, 8, 0, 1, seed=0)["paired"]
     assert type(one) is Loader  # K=1, threads: the plain Loader, as before

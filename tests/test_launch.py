@@ -92,6 +92,8 @@ def test_two_host_job_matches_one_process(clipart_shards, tmp_path, no_ray_left)
         "host_1.pid",
     ]
     config = load_config("m3ae_pretrain:local", args)
+    # The job learnt its caption vocabulary (deterministic) into its workdir: batch with it.
+    config.data.tokenizer = str(tmp_path / "job" / "tokenizer")
     train(config, str(tmp_path / "reference"), batches=TwoHostsInOneProcess(config))
     job, reference = losses(tmp_path / "job"), losses(tmp_path / "reference")
     assert sorted(job) == sorted(reference) == [1, 2, 3, 4]
