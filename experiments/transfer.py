@@ -3,6 +3,7 @@
     .venv/bin/python experiments/transfer.py      # ~70 min on 2 quiet cores (estimate below)
     .venv/bin/python experiments/transfer.py --seeds 0 --steps 40 --out /tmp/t  # a quick pulse
     .venv/bin/python experiments/transfer.py --collect   # the JSON of the runs finished so far
+    .venv/bin/python experiments/transfer.py --recipe cpu --seeds 0 --arms m3ae mae random
 
 The M3AE paper's claim (59.4 vs 45.2 ImageNet linear probe, ViT-B) at the scale of this
 machine. Arms, each pretrained with the `local` recipe (configs/m3ae_pretrain.py) on the demo's
@@ -26,6 +27,11 @@ Cost on this 2-core machine with nothing else running: a trained arm is ~5 min o
 (the demo's 372 steps) plus ~2 min of probes (4,000 openclipart drawings rendered once and
 cached; 2,000 + 2,000 Fashion-MNIST images), a random-init arm ~2 min: about 70 min for the
 default 3 seeds x 4 arms.
+
+`--recipe cpu` runs the arms with the `cpu` recipe instead (every drawing, 5,434 trained on,
+972 steps: ~15 min a trained arm with its probes) and probes on all openclipart drawings less
+those trained on; it writes to `experiments/results/cpu/`. Every seed's arms also get paired
+differences (`paired` in the JSON): an arm's probes minus MAE's and random init's.
 """
 
 from __future__ import annotations
@@ -42,13 +48,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 M3AE = [sys.executable, "-m", "m3ae.cli"]
-ARMS = {
-    "m3ae": ("local", []),
-    "m3ae_text15": ("local", ["model.text_mask_ratio=0.15"]),
-    "mae": ("local,mae", []),
+ARMS = {  # arm -> (recipe variant, --set overrides)
+    "m3ae": ("", []),
+    "m3ae_text15": ("", ["model.text_mask_ratio=0.15"]),
+    "mae": (",mae", []),
 }
-PROBES = {  # name -> m3ae probe arguments
-    "openclipart_unseen": ["--dataset", "openclipart", "--limit", "4000"],
+RECIPES = {  # recipe -> (its shards, where its probe's openclipart drawings come from)
+    "local": ("data/openclipart-64", ["--limit", "4000"]),  # 4,000 less the 2,000 trained on
+    "cpu": ("data/openclipart-64-all", []),  # all 7,434 less the 5,434 trained on
+}
+PROBES = {  # name -> m3ae probe arguments (openclipart's: + the recipe's)
+    "openclipart_unseen": ["--dataset", "openclipart"],
     "fashion_mnist": ["--dataset", "fashion-mnist", "--limit", "2000"],
 }
 EVALUATORS = ("ridge", "logistic")
@@ -72,11 +82,12 @@ def finished(work: Path, arm: str, seed: int) -> bool:
     return done and model.is_dir()
 
 
-def pretrain(arm: str, seed: int, out: Path, steps: int) -> dict[str, Any]:
+def pretrain(arm: str, seed: int, out: Path, steps: int, recipe: str) -> dict[str, Any]:
     workdir = out / "runs" / f"{arm}-s{seed}"
     summary = workdir / "summary.json"
     if not (summary.is_file() and (workdir / "model").is_dir()):
-        recipe, extra = ARMS[arm]
+        variant, extra = ARMS[arm]
+        recipe += variant
         sets = [f"seed={seed}", "logging.pictures_every=0", "eval.batches=6", *extra]
         if steps:
             sets.append(f"optim.steps={steps}")
@@ -86,10 +97,13 @@ def pretrain(arm: str, seed: int, out: Path, steps: int) -> dict[str, Any]:
     return json.loads(summary.read_text())
 
 
-def probe(model: Path, name: str, evaluator: str, out: Path, seed: int, random: bool) -> dict:
+def probe(
+    model: Path, name: str, evaluator: str, out: Path, seed: int, random: bool, recipe: str
+) -> dict:
     target = out / f"probe.{evaluator}.json"
     if not target.is_file():
-        cmd = [*M3AE, "probe", "--model", str(model), *PROBES[name], "--evaluator", evaluator]
+        cmd = [*M3AE, "probe", "--model", str(model), *probe_args(name, recipe)]
+        cmd += ["--evaluator", evaluator]
         cmd += ["--out", str(out), "--seed", str(seed), "--no-progress"]
         if random:
             cmd.append("--random-init")
@@ -100,6 +114,10 @@ def probe(model: Path, name: str, evaluator: str, out: Path, seed: int, random: 
     record = json.loads(target.read_text())
     keep = ("lp_acc1", "lp_mean_per_class_recall", "train_acc1", "converged", "excluded")
     return {k: record.get(k) for k in keep} | {"test_size": record.get("test_size")}
+
+
+def probe_args(name: str, recipe: str) -> list[str]:
+    return PROBES[name] + (RECIPES[recipe][1] if name == "openclipart_unseen" else [])
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -126,7 +144,29 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
+def paired(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-seed differences in points, arm minus baseline (MAE, random init), of each probe and
+    of their mean, over the seeds both have. Within a seed the arms share images, crops, order
+    and probe sets, so these carry less noise than the difference of the arms' spreads."""
+    by = {(r["arm"], r["seed"]): r for r in rows}
+    out: dict[str, Any] = {}
+    for arm in ARMS:
+        for base in ("mae", "random"):
+            seeds = sorted(s for a, s in by if a == arm and (base, s) in by)
+            if arm == base or not seeds:
+                continue
+            value = lambda r, k: (
+                r["probe_mean"] if k == "probe_mean" else 100 * r["probes"][k]["lp_acc1"]
+            )  # noqa: E731
+            entry = {}
+            for key in ["probe_mean", *by[arm, seeds[0]]["probes"]]:
+                diffs = [value(by[arm, s], key) - value(by[base, s], key) for s in seeds]
+                entry[key] = spread(diffs) | {"per_seed": diffs}
+            out[f"{arm}-{base}"] = entry
+    return out
+
+
+def plot(summary: dict[str, Any], path: Path, recipe: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +195,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         color="tab:gray",
     )
     axes[1].set_ylabel("cross-modal gain (nats)")
-    fig.suptitle("openclipart pretraining on 2 CPU cores: probes on unseen data")
+    fig.suptitle(
+        f"openclipart pretraining on 2 CPU cores, `{recipe}` recipe: probes on unseen data"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -170,15 +212,18 @@ def write_result(
         "complete": done,
         "seeds": sorted({r["seed"] for r in rows}),
         "steps": args.steps or "recipe",
-        "probes": PROBES,
+        "probes": {n: probe_args(n, args.recipe) for n in PROBES},
         "evaluators": EVALUATORS,
-        "seconds": seconds,
+        "seconds": seconds,  # of this invocation (small for --collect)
+        "pretraining_seconds": sum(r.get("train_seconds") or 0.0 for r in rows),
         "load_average": os.getloadavg(),
+        "recipe": args.recipe,
         "summary": summary,
+        "paired": paired(rows),
         "runs": rows,
     }
     (args.out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(summary, args.out / "transfer.png")
+    plot(summary, args.out / "transfer.png", args.recipe)
     return summary
 
 
@@ -187,15 +232,21 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=["m3ae", "mae", "random", "m3ae_text15"])
     ap.add_argument("--steps", type=int, default=0, help="> 0: fewer steps (a quick pulse)")
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="local")
+    ap.add_argument("--out", type=Path, help="default: experiments/results (cpu: .../cpu)")
     ap.add_argument(
         "--collect", action="store_true", help="only gather finished runs: train nothing new"
     )
     args = ap.parse_args()
     if unknown := set(args.arms) - {*ARMS, "random"}:
         ap.error(f"unknown arm(s) {sorted(unknown)}")
-    if not (ROOT / "data" / "openclipart-64" / "stats.json").is_file():
-        ap.error("no demo shards: run `make data/openclipart-64/stats.json` (or make demo) first")
+    shards = RECIPES[args.recipe][0]
+    if not (ROOT / shards / "stats.json").is_file():
+        ap.error(f"no {args.recipe} shards: run `make {shards}/stats.json` first")
+    if args.out is None:
+        args.out = (
+            ROOT / "experiments" / "results" / ("" if args.recipe == "local" else args.recipe)
+        )
     work = args.out / "work"
     (work / "logs").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -208,7 +259,7 @@ def main() -> int:
             row: dict[str, Any] = {"arm": arm, "seed": seed, "probes": {}}
             base = work / "runs" / f"m3ae-s{seed}" / "model"
             if arm != "random":
-                summary = pretrain(arm, seed, work, args.steps)
+                summary = pretrain(arm, seed, work, args.steps, args.recipe)
                 base = work / "runs" / f"{arm}-s{seed}" / "model"
                 row["crossmodal"] = {
                     k.split("/", 1)[1]: v
@@ -216,12 +267,14 @@ def main() -> int:
                     if k.startswith("crossmodal/")
                 }
                 row["val_loss"] = {k: v for k, v in summary["eval"].items() if "val_loss" in k}
+                row["train_seconds"] = summary.get("seconds")  # kept when runs are reused
             elif not base.is_dir():
-                pretrain("m3ae", seed, work, args.steps)  # its architecture, untrained
+                pretrain("m3ae", seed, work, args.steps, args.recipe)  # the untrained model's shape
             for name in PROBES:
                 for ev in EVALUATORS:
                     where = work / "probes" / f"{arm}-s{seed}" / name
-                    got = probe(base, name, ev, where, seed, random=arm == "random")
+                    random = arm == "random"
+                    got = probe(base, name, ev, where, seed, random, args.recipe)
                     row["probes"][f"{name}/{ev}"] = got
             row["probe_mean"] = statistics.fmean(100 * p["lp_acc1"] for p in row["probes"].values())
             row["seconds"] = time.perf_counter() - t0
@@ -241,6 +294,9 @@ def main() -> int:
             f"{k} {v['mean']:.2f}±{v['std']:.2f}" for k, v in entry.items() if "/" not in k
         )
         print(f"{arm}: {cells}")
+    for pair, entry in paired(rows).items():
+        cells = ", ".join(f"{k} {v['mean']:+.2f}±{v['std']:.2f}" for k, v in entry.items())
+        print(f"{pair} (per seed, points): {cells}")
     print(f"wrote {args.out / 'transfer.json'} and transfer.png")
     return 0
 

@@ -124,6 +124,15 @@ def draw_panel(
             row += 1
 
 
+def caption_font(size: int = 13) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's bundled font (nothing to download) at a size where a masked comma, `[,]`,
+    stays legible; Pillow's small bitmap font where it was built without FreeType."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
+
+
 def save_reconstruction_grid(
     path: str | os.PathLike,
     pictures: dict[str, np.ndarray],
@@ -134,7 +143,7 @@ def save_reconstruction_grid(
     tokenizer: Tokenizer | None = None,
     min_cell: int = 128,
     gap: int = 4,
-    text_width: int = 384,
+    text_width: int = 448,
 ) -> Path:
     """Write the `M3AE.reconstruct` output as a PNG grid (cells upscaled to >= `min_cell` px).
 
@@ -144,7 +153,7 @@ def save_reconstruction_grid(
     B, H, W, _ = pictures["input"].shape
     scale = max(1, -(-min_cell // max(H, W)))  # ceil: small pictures are enlarged
     ch, cw = H * scale, W * scale
-    font = ImageFont.load_default()  # ships with Pillow: nothing to download
+    font = caption_font()
     line_height = int(font.getbbox("Ag[y]")[3]) + 3
     top = line_height + gap  # the column header strip
     panel = text_width if text is not None else 0

@@ -175,10 +175,11 @@ def m3ae_task(config: ml_collections.ConfigDict) -> Task:
 
 
 def held_out_batch(
-    config: ml_collections.ConfigDict, count: int = 8, text: bool = True
+    config: ml_collections.ConfigDict, count: int = 12, text: bool = True, scan: int = 512
 ) -> dict[str, np.ndarray]:
-    """A fixed set of evaluation-mode pictures (and captions, for a model with `text`): the
-    first `count` of the val shards."""
+    """A fixed, varied set of evaluation-mode pictures (and captions, for a model with `text`)
+    from the val shards: of their first `scan` samples, the first of each class (the shards'
+    `.cls`; without one each sample is its own class), then the rest in order, `count` in all."""
     data = config.data
     urls = data.val_urls or data.paired.urls or data.image_only.urls
     kind = "paired" if text and (data.val_urls or data.paired.urls) else "image"
@@ -194,11 +195,29 @@ def held_out_batch(
         process_index=0,
         process_count=1,
         tokenizer=data.tokenizer or None,
+        drop_remainder=False,
     )
-    batch = next(iter(loader), None)
-    if batch is None:
-        raise ValueError(f"fewer than {count} usable pictures in {urls} for pictures and init")
-    return batch.arrays
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) * count >= scan:
+            break
+    if sum(len(b.keys) for b in batches) < count:
+        raise ValueError(f"fewer than {count} usable pictures in {urls} for the pictures")
+    arrays = {k: np.concatenate([b.arrays[k] for b in batches]) for k in batches[0].arrays}
+    classes = [int(c) if c >= 0 else f"row {i}" for i, c in enumerate(arrays["cls"])]
+    rows = varied_rows(classes, count)
+    return {name: value[rows] for name, value in arrays.items()}
+
+
+def varied_rows(groups: list, count: int) -> np.ndarray:
+    """`count` row indices: the first row of each new group in order, then the others."""
+    seen: set = set()
+    first, rest = [], []
+    for i, group in enumerate(groups):
+        (rest if group in seen else first).append(i)
+        seen.add(group)
+    return np.asarray((first + rest)[:count])
 
 
 def save_pictures(

@@ -5,7 +5,8 @@
 Reads `summary.json` (the final cross-modal evaluation on the held-out shard) and the two
 probes that `make demo` runs on openclipart drawings left out of pretraining
 (`probe/probe.json` for the model, `probe-random/probe.json` for the same encoder at random
-init), and prints them side by side.
+init), and prints them side by side, then the same recipe's spread over seeds from the committed
+experiment (`experiments/results/transfer.json`), so one run can be read against it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,21 @@ def main(workdir: str) -> int:
             f"{100 * ours['lp_mean_per_class_recall']:.1f}% vs "
             f"{100 * rand['lp_mean_per_class_recall']:.1f}%"
         )
+    seeds_result = Path(__file__).resolve().parents[1] / "experiments/results/transfer.json"
+    if seeds_result.is_file():
+        result = json.loads(seeds_result.read_text())
+        arm = result["summary"].get("m3ae", {})
+        if "crossmodal_gain" in arm:
+            n = len([r for r in result["runs"] if r["arm"] == "m3ae"])
+            gain = arm["crossmodal_gain"]
+            line = f"this recipe over {n} seeds ({seeds_result.name}): gain "
+            line += f"{gain['mean']:+.3f} ± {gain['std']:.3f} nats"
+            if "random" in result["summary"]:
+                ours = arm["openclipart_unseen/ridge"]
+                rand = result["summary"]["random"]["openclipart_unseen/ridge"]
+                line += f", ridge probe {ours['mean']:.1f} ± {ours['std']:.1f}% vs "
+                line += f"{rand['mean']:.1f} ± {rand['std']:.1f}% at random init"
+            print(line)
     return 0
 
 

@@ -9,7 +9,8 @@ import pytest
 from m3ae.config import apply_override, config_files, load_config
 from m3ae.model import M3AE, model_config
 
-ARGS = {"m3ae_pretrain": ["local", "local,mae", "tiny", "small", "base", "large", "huge"]}
+RECIPES = ["local", "local,mae", "cpu", "cpu,mae", "tiny", "small", "base", "large", "huge"]
+ARGS = {"m3ae_pretrain": RECIPES}
 
 
 def test_every_config_file_is_covered():

@@ -36,7 +36,7 @@ def test_notebook_is_committed_without_outputs(path):
 
 def test_transfer_notebook_shows_the_committed_result(tmp_path):
     """notebooks/transfer.ipynb reads experiments/results/transfer.json: a row per arm, a
-    line per seed and the bar chart."""
+    line per seed, the paired differences and the bar chart."""
     import json
 
     result = json.loads(TRANSFER_RESULT.read_text())
@@ -48,6 +48,8 @@ def test_transfer_notebook_shows_the_committed_result(tmp_path):
         assert f"\n{arm} | " in text, arm
     for seed in result["seeds"]:
         assert f"seed {seed}: " in text
+    for pair in result["paired"]:  # the per-seed differences, e.g. m3ae-mae
+        assert f"\n{pair}: probe_mean " in text, pair
     assert len(outputs(nb, "image/png")) == 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from pipelines.tokenizer import load_tokenizer, tokenize
 
 CAPTIONS = ["a red apple on a wooden table", "rocket launch"]
 MEAN, STD = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
-CELL, GAP, PANEL = 128, 4, 384  # 16 px pictures are enlarged 8x to the default 128 px cells
+CELL, GAP, PANEL = 128, 4, 448  # 16 px pictures are enlarged 8x to the default 128 px cells
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +113,18 @@ def test_save_pictures_passes_captions(tmp_path):
     with Image.open(path) as im:
         assert path.name == "reconstruction_000007.png"
         assert im.width == 4 * (CELL + GAP) + GAP + PANEL + GAP
+
+
+def test_held_out_pictures_take_one_drawing_per_category_first(clipart_shards):
+    """The pictures' held-out set is varied: the first drawing of each category in the val
+    shards, before any category repeats (the first rows alone were mostly one category)."""
+    from configs.m3ae_pretrain import get_config
+    from m3ae.tasks import held_out_batch, varied_rows
+
+    assert varied_rows([3, 3, 1, 3, 2, 1], 4).tolist() == [0, 2, 4, 1]
+    config = get_config("local")
+    config.data.val_urls = str(Path(clipart_shards[0]).parent)  # the directory
+    config.data.tokenizer = ""
+    batch = held_out_batch(config, count=12, scan=96)
+    assert batch["image"].shape == (12, 64, 64, 3) and batch["text"].shape == (12, 24)
+    assert len(set(batch["cls"].tolist())) == 12, batch["cls"]  # 96 drawings: > 12 categories
