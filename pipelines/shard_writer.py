@@ -377,6 +377,12 @@ def run_shards(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(summary_text(summary))
+    if summary["written"] == 0:  # every entry skipped: a failure, not an empty success
+        reasons = ", ".join(f"{n} {r}" for r, n in summary["skipped_by_reason"].items())
+        raise ValueError(
+            f"nothing written to {summary['out_dir']}: all {summary['attempted']} entries "
+            f"were skipped ({reasons or 'no entries'})"
+        )
     return 0
 
 

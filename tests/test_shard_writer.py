@@ -317,3 +317,20 @@ def test_cli_folder_resized(tmp_path):
         pixels = np.asarray(im)
     assert pixels.shape == (16, 16, 3)  # 20x10 fitted into 16x16: white bands above and below
     assert (pixels[0] == 255).all() and (pixels[-1] == 255).all() and pixels[8, 2, 1] < 20
+
+
+def test_cli_fails_when_every_entry_is_skipped(tmp_path, capsys):
+    """`m3ae shards` whose rows all fail is an error (exit 2, one line with the reasons), not
+    a success with an empty directory; the skips stay counted in stats.json."""
+    from m3ae.cli import main as m3ae_main
+
+    images = _folder(tmp_path)
+    (tmp_path / "c.csv").write_text("path,text\nmissing.jpg,gone\ncorrupt.jpg,broken\n")
+    argv = ["shards", "--source", "folder", "--images", str(images), "--captions"]
+    argv += [str(tmp_path / "c.csv"), "--no-progress", "--out", str(tmp_path / "out")]
+    assert m3ae_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing written to" in err[0], err
+    assert "1 missing_file" in err[0] and "1 unreadable_image" in err[0]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["written"] == 0 and stats["skipped"] == 2
