@@ -144,6 +144,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def score(row: dict[str, Any], key: str) -> float:
+    """A run's top-1 (%) on probe `key`, or `probe_mean`, the mean of its probes."""
+    return row["probe_mean"] if key == "probe_mean" else 100 * row["probes"][key]["lp_acc1"]
+
+
 def paired(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-seed differences in points, arm minus baseline (MAE, random init), of each probe and
     of their mean, over the seeds both have. Within a seed the arms share images, crops, order
@@ -155,12 +160,9 @@ def paired(rows: list[dict[str, Any]]) -> dict[str, Any]:
             seeds = sorted(s for a, s in by if a == arm and (base, s) in by)
             if arm == base or not seeds:
                 continue
-            value = lambda r, k: (
-                r["probe_mean"] if k == "probe_mean" else 100 * r["probes"][k]["lp_acc1"]
-            )  # noqa: E731
             entry = {}
             for key in ["probe_mean", *by[arm, seeds[0]]["probes"]]:
-                diffs = [value(by[arm, s], key) - value(by[base, s], key) for s in seeds]
+                diffs = [score(by[arm, s], key) - score(by[base, s], key) for s in seeds]
                 entry[key] = spread(diffs) | {"per_seed": diffs}
             out[f"{arm}-{base}"] = entry
     return out
@@ -224,7 +226,7 @@ def write_result(
     }
     (args.out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(summary, args.out / "transfer.png", args.recipe)
-    return summary
+    return result
 
 
 def main() -> int:
@@ -288,13 +290,13 @@ def main() -> int:
                 flush=True,
             )
     every = len(rows) == len(args.seeds) * len(args.arms)  # --collect may find fewer
-    summary = write_result(args, rows, time.perf_counter() - start, done=every)
-    for arm, entry in summary.items():
+    result = write_result(args, rows, time.perf_counter() - start, done=every)
+    for arm, entry in result["summary"].items():
         cells = ", ".join(
             f"{k} {v['mean']:.2f}±{v['std']:.2f}" for k, v in entry.items() if "/" not in k
         )
         print(f"{arm}: {cells}")
-    for pair, entry in paired(rows).items():
+    for pair, entry in result["paired"].items():
         cells = ", ".join(f"{k} {v['mean']:+.2f}±{v['std']:.2f}" for k, v in entry.items())
         print(f"{pair} (per seed, points): {cells}")
     print(f"wrote {args.out / 'transfer.json'} and transfer.png")

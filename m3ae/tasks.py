@@ -197,10 +197,14 @@ def held_out_batch(
         tokenizer=data.tokenizer or None,
         drop_remainder=False,
     )
-    batches = []
-    for batch in loader:
+    batches, seen = [], set()
+    for batch in loader:  # until `count` classes are seen, or `scan` samples
         batches.append(batch)
-        if len(batches) * count >= scan:
+        labels = batch.arrays["cls"]
+        if (labels < 0).any():  # no `.cls`: nothing to vary by, the first rows will do
+            break
+        seen.update(labels.tolist())
+        if len(seen) >= count or len(batches) * count >= scan:
             break
     if sum(len(b.keys) for b in batches) < count:
         raise ValueError(f"fewer than {count} usable pictures in {urls} for the pictures")

@@ -299,8 +299,13 @@ def _check(
     return rec, _members(rec, data, width, height, image_format)
 
 
+def reasons_text(summary: dict[str, Any]) -> str:
+    """The skip counts by reason, e.g. `1 missing_file, 2 unreadable_image`."""
+    return ", ".join(f"{n} {r}" for r, n in summary["skipped_by_reason"].items())
+
+
 def summary_text(summary: dict[str, Any]) -> str:
-    reasons = ", ".join(f"{n} {r}" for r, n in summary["skipped_by_reason"].items())
+    reasons = reasons_text(summary)
     return (
         f"Wrote {summary['written']} samples in {summary['shards']} shard(s) "
         f"({summary['bytes'] / 1e6:.1f} MB) to {summary['out_dir']} in {summary['seconds']:.1f} s; "
@@ -378,10 +383,9 @@ def run_shards(args: argparse.Namespace) -> int:
     )
     print(summary_text(summary))
     if summary["written"] == 0:  # every entry skipped: a failure, not an empty success
-        reasons = ", ".join(f"{n} {r}" for r, n in summary["skipped_by_reason"].items())
         raise ValueError(
             f"nothing written to {summary['out_dir']}: all {summary['attempted']} entries "
-            f"were skipped ({reasons or 'no entries'})"
+            f"were skipped ({reasons_text(summary) or 'no entries'})"
         )
     return 0
 
