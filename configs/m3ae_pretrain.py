@@ -108,6 +108,9 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
             resampled=False,
             workers=2 if local else 8,
             max_pixels=50_000_000,
+            # A stream stops with an error naming shards and skip reasons after this many
+            # unusable samples in a row (or a whole pass with none used), instead of spinning.
+            max_consecutive_skips=10_000,
             caption_drop_rate=0.0,
             caption_drop_by_key=False,
             # A tokenizer directory; empty = the bundled BERT-uncased; "captions:N" = learn an

@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        print(f"m3ae {args.verb}: error: {e}", file=sys.stderr)
+        # A KeyError's str() is its repr; its message is the first argument.
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"m3ae {args.verb}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -78,8 +78,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         value = tuple(value)
     try:
         node[parts[-1]] = value
-    except TypeError as e:
-        raise TypeError(f"config key {key!r}: cannot set {raw!r} ({e})") from e
+    except TypeError as e:  # ConfigDict keeps a key's type: say which one, in config words
+        raise ValueError(
+            f"config key {key!r} takes a {type(old).__name__} (now {old!r}); got {raw!r}"
+        ) from e
 
 
 def config_files() -> list[Path]:

@@ -1,7 +1,7 @@
 """`m3ae embed`: encoder features of images, captions and pairs, in the clip-retrieval layout.
 
     m3ae embed --model runs/local/model --inputs "data/cc3m/{00000..00099}.tar" --out emb/cc3m
-    m3ae embed --model runs/local/model --inputs photos/ --out emb/photos --kinds image
+    m3ae embed --model runs/local/model --inputs photos/ --out emb/photos  # no captions: image
     m3ae embed --model runs/local/model --inputs files.txt --out emb/list --dtype float32
     m3ae embed --model /shared/model --inputs /shared/shards/ --out /shared/emb --address auto
 
@@ -18,11 +18,25 @@ Inputs: webdataset shards (anything `pipelines.shards.expand_urls` takes; one pa
 shard), an image folder (recursive jpg/jpeg/png/webp; key = relative path without extension,
 caption from a sibling .txt), or a text file listing one image path per line (relative to the
 list's folder); files are cut into partitions of `partition_size`. A sample needs a caption
-unless only image features are asked for (then the caption is not read). Each partition's files
-are written under temporary names and renamed, then the manifest is updated: rerunning a command
-computes only the partitions it does not list. With Ray (`ray_address`, or Ray already
-initialised) a pool of actors, each holding the model once, writes the partitions itself; the
-output directory must then be reachable from every node.
+unless only image features are asked for (then the caption is not read).
+
+Kinds: without `kinds`, they follow what the input holds (one line says which and why): for
+files, whether the images have sibling .txt captions (none: image only); for shards, the first
+samples of the first readable shard (images and captions: all three; images only: image;
+captions only: text); a rerun into an existing output keeps the kinds its manifest records.
+
+Each partition's files are written under temporary names and renamed, then the manifest is
+updated: rerunning a command computes only the partitions it lists as finished. A partition is
+finished only when its shard was read to the end. A shard that is missing, unreadable or
+truncated (`SHARD_ERRORS`) is still written, with the rows read before the damage, and its record
+keeps its skip counts, but says `complete: false` with the `error`: it is not finished, so a
+rerun computes it again (once the shard is there or repaired). Such shards are named in the
+summary line, and after every other partition is written `embed` raises `EmbedFailed` (a
+ValueError: `m3ae embed` exits 2 with one line listing them). A run whose output holds no row
+at all raises it too, naming the skip reasons. Numeric options are checked before the model is
+read. With Ray (`ray_address`, or Ray already initialised) a pool of actors, each holding the
+model once, writes the partitions itself; the output directory must then be reachable from
+every node.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import argparse
 import hashlib
 import inspect
 import json
+import numbers
 import os
 import sys
 import time
@@ -42,15 +57,32 @@ from typing import Any
 
 from tqdm import tqdm
 
-from m3ae.embedder import Embedder, Partition, Settings, partition_files, write_json
+from m3ae.embedder import (
+    KINDS,
+    SHARD_ERRORS,
+    Embedder,
+    Partition,
+    Settings,
+    choose_kinds,
+    partition_files,
+    write_json,
+)
 from m3ae.model import M3AE
 from m3ae.pretrained import read_config, read_preprocess
 from pipelines.loader import IMAGE_EXTS
 from pipelines.shards import expand_urls
 
 FORMAT = "m3ae-embed/1"
-KINDS = ("image", "text", "joint")
 DTYPES = ("float16", "float32")
+
+
+class EmbedFailed(ValueError):
+    """Raised after everything that could be written was: shards not read to the end, or no
+    row at all. `summary` is what `embed` would have returned."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
 
 
 def _is_image(path: str | Path) -> bool:
@@ -80,7 +112,7 @@ def plan(inputs: Any, partition_size: int) -> tuple[str, list[Partition]]:
     files = _file_inputs(inputs)
     if files is None:
         return "shards", [Partition(i, url) for i, url in enumerate(expand_urls(inputs))]
-    size = max(1, int(partition_size))
+    size = int(partition_size)
     chunks = [tuple(files[i : i + size]) for i in range(0, len(files), size)]
     digest = lambda c: hashlib.blake2b(json.dumps(c).encode(), digest_size=8).hexdigest()
     return "files", [Partition(i, f"files:{digest(c)}", c) for i, c in enumerate(chunks)]
@@ -109,23 +141,41 @@ def _manifest(out: Path, settings: Settings, meta: dict, mode: str, total: int) 
     return manifest
 
 
+def _complete(record: dict[str, Any]) -> bool:
+    """Its shard was read to the end (records of older runs: no shard error among the skips)."""
+    return record.get("complete", True) and not set(record["skipped"]) & set(SHARD_ERRORS)
+
+
 def _summarise(manifest: dict[str, Any]) -> None:
-    records = manifest["partitions"].values()
-    skipped = sum((Counter(r["skipped"]) for r in records), Counter())
+    """Counts over every written partition (an incomplete one's rows are on disk too)."""
+    records = manifest["partitions"]
+    skipped = sum((Counter(r["skipped"]) for r in records.values()), Counter())
     manifest["counts"] = {
-        "rows": sum(r["rows"] for r in records),
-        "seen": sum(r["seen"] for r in records),
+        "rows": sum(r["rows"] for r in records.values()),
+        "seen": sum(r["seen"] for r in records.values()),
         "skipped": dict(sorted(skipped.items())),
     }
-    manifest["finished"] = sorted(int(i) for i in manifest["partitions"])
+    manifest["finished"] = sorted(int(i) for i, r in records.items() if _complete(r))
+    manifest["incomplete"] = sorted(int(i) for i, r in records.items() if not _complete(r))
     manifest["complete"] = len(manifest["finished"]) == manifest["partitions_total"]
+
+
+def _check_options(**values: Any) -> None:
+    """One line naming the option, before anything is read: `name=(value, least allowed)`."""
+    for name, (value, least) in values.items():
+        if value is None and name in ("image_size", "text_length", "actors"):
+            continue  # None: the default
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not ok or value < least:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
 
 
 def embed(
     model_dir: str | os.PathLike,
     inputs: str | os.PathLike | Sequence[str],
     out_dir: str | os.PathLike,
-    kinds: str | Sequence[str] = KINDS,
+    kinds: str | Sequence[str] | None = None,
     pool: str = "cls",
     normalize: bool = True,
     dtype: str = "float16",
@@ -140,25 +190,40 @@ def embed(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Embed `inputs` into `out_dir` (see the module docstring); returns the manifest plus
-    `computed` (partitions done by this call), `seconds` and `samples_per_second`.
-    `actor_options` go to Ray's `.options()` (default `num_cpus=1`; add `num_gpus=1` on GPUs)."""
+    `computed` (partitions written by this call), `seconds` and `samples_per_second`. Raises
+    `EmbedFailed` (with that summary) after writing, when a shard was not read to the end or no
+    row exists. `kinds=None` chooses by the input. `actor_options` go to Ray's `.options()`
+    (default `num_cpus=1`; add `num_gpus=1` on GPUs)."""
     start = time.perf_counter()
+    _check_options(
+        batch_size=(batch_size, 1),
+        partition_size=(partition_size, 1),
+        workers=(workers, 0),
+        image_size=(image_size, 1),
+        text_length=(text_length, 1),
+        actors=(actors, 1),
+    )
     model_dir = str(Path(model_dir).absolute())
     meta = read_config(model_dir)
     prep = read_preprocess(model_dir)  # the preprocess section, old top-level keys or defaults
+    mode, parts = plan(inputs, partition_size)
+    out = Path(out_dir)
+    if kinds is None:
+        kinds, why = choose_kinds(mode, parts, out)
+        print(f"embed: kinds {','.join(kinds)}: {why} (--kinds chooses)", flush=True)
     kinds = tuple(kinds.split(",") if isinstance(kinds, str) else kinds)
     if not kinds or len(set(kinds)) != len(kinds) or set(kinds) - set(KINDS):
-        raise ValueError(f"kinds must be distinct names from {KINDS}, got {kinds}")
+        raise ValueError(f"--kinds must be distinct names from {KINDS}, got {kinds}")
     if pool not in ("cls", "mean") or dtype not in DTYPES:
-        raise ValueError(f"pool must be cls or mean and dtype one of {DTYPES}")
+        raise ValueError(f"--pool must be cls or mean and --dtype one of {DTYPES}")
     settings = Settings(
         model_dir,
         tuple(k for k in KINDS if k in kinds),  # a fixed order, whatever order was asked for
         pool,
         bool(normalize),
         dtype,
-        int(image_size or prep["image_size"]),
-        int(text_length or prep["text_length"]),
+        int(prep["image_size"] if image_size is None else image_size),
+        int(prep["text_length"] if text_length is None else text_length),
         tuple(prep["mean"]),
         tuple(prep["std"]),
         prep["tokenizer_dir"],
@@ -168,8 +233,6 @@ def embed(
     patch = M3AE(**meta["model"]).patch_size
     if settings.image_size % patch:
         raise ValueError(f"image size {settings.image_size} is not a multiple of patch {patch}")
-    mode, parts = plan(inputs, partition_size)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(out, settings, meta, mode, len(parts))
 
@@ -178,7 +241,8 @@ def embed(
         if record is not None and record["source"] != p.source:
             # The inputs changed (other shards, files added to a folder): rows would not match.
             raise ValueError(f"partition {p.index} of {out} came from {record['source']}")
-        done = record is not None and all(f.is_file() for f in partition_files(out, p.index, kinds))
+        files = partition_files(out, p.index, kinds)
+        done = record is not None and _complete(record) and all(f.is_file() for f in files)
         if not done:
             manifest["partitions"].pop(str(p.index), None)
         return done
@@ -219,7 +283,38 @@ def embed(
         f"{seen / seconds:.1f} samples/s; {out}",
         flush=True,
     )
-    return {**manifest, "computed": sorted(computed), **rate}
+    summary = {**manifest, "computed": sorted(computed), **rate}
+    bad = [manifest["partitions"][str(i)] for i in manifest["incomplete"]]
+    for r in bad:
+        print(f"embed: not finished (rerun to retry): {_failure(r)}", flush=True)
+    if bad or not c["rows"]:
+        raise EmbedFailed(_problem(bad, len(parts), c, out, settings.kinds), summary)
+    return summary
+
+
+def _failure(record: dict[str, Any]) -> str:
+    return f"{record['source']} ({record.get('error')}, {record['rows']} rows kept)"
+
+
+def _problem(bad: list[dict], total: int, counts: dict, out: Path, kinds: tuple[str, ...]) -> str:
+    """The one line of a failed run: the shards not read to the end, else why no row exists."""
+    if bad:
+        listed = ", ".join(_failure(r) for r in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return (
+            f"{len(bad)} of {total} shard(s) not read to the end, so not marked finished (rerun "
+            f"once they are readable): {listed}{more}; {counts['rows']} rows written to {out}"
+        )
+    if not counts["seen"]:
+        return f"no rows written to {out}: the inputs hold no samples"
+    skipped = sorted(counts["skipped"].items(), key=lambda x: -x[1])
+    hint, asked = "", ",".join(kinds)
+    if counts["skipped"].get("missing_caption") and kinds != ("image",):
+        hint = f"; --kinds {asked} needs captions: --kinds image embeds the images alone"
+    elif counts["skipped"].get("missing_image") and kinds != ("text",):
+        hint = f"; --kinds {asked} needs images: --kinds text embeds the captions alone"
+    reasons = ", ".join(f"{k} {v}" for k, v in skipped)
+    return f"no rows written to {out}: all {counts['seen']} samples skipped ({reasons}){hint}"
 
 
 def _ray_records(
@@ -256,7 +351,9 @@ def add_embed_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", dest="model_dir", required=True, help="pretrained model directory")
     p.add_argument("--inputs", required=True, help="shards (pattern, dir, list), folder or list")
     p.add_argument("--out", dest="out_dir", required=True, help="output dir (rerun to resume)")
-    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: image,text,joint")
+    p.add_argument(
+        "--kinds", default=None, help="comma-separated image,text,joint (default: by the input)"
+    )
     p.add_argument("--pool", choices=("cls", "mean"), default="cls")
     p.add_argument("--no-normalize", dest="normalize", action="store_false")
     p.add_argument("--dtype", choices=DTYPES, default="float16")
@@ -273,6 +370,8 @@ def add_embed_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    """0 when every partition is finished and rows exist; else `EmbedFailed` (a ValueError:
+    the CLI prints its one line and exits 2) once everything readable is written."""
     names = inspect.signature(embed).parameters
     embed(**{k: v for k, v in vars(args).items() if k in names})
     return 0

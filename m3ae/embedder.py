@@ -2,10 +2,15 @@
 the model once, encodes a partition's batches sharded over its local devices, and writes the
 partition's `.npy` / `.parquet` files atomically. Planning, the manifest and the CLI are in
 `m3ae/embed.py`.
+
+A shard that is missing, cannot be opened or breaks off (`SHARD_ERRORS`, as `read_shard` reports
+them) still gets its files, holding the rows read before the damage, but its record says
+`complete: false` and names the `error`: the caller does not count it as finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -27,13 +32,17 @@ from jax.sharding import PartitionSpec as P
 from m3ae.model import M3AE
 from m3ae.pretrained import load_pretrained
 from m3ae.step import model_inputs
-from pipelines.loader import Example, Loader, Stats, make_example
-from pipelines.shards import RawSample
+from pipelines.loader import IMAGE_EXTS, Example, Loader, Stats, make_example
+from pipelines.shards import RawSample, read_shard
 from pipelines.tokenizer import load_tokenizer, tokenize
 
 PREFIX = {"image": "img", "text": "text", "joint": "joint"}
+KINDS = tuple(PREFIX)
+PEEK_SHARDS = 3  # shards tried, in order, to see what the samples hold
 MODEL_INPUTS = ("image", "text", "text_padding_mask")
 MAX_PIXELS = 50_000_000  # the Loader's default
+# Skip reasons meaning the shard was not read to its end: its partition is not finished.
+SHARD_ERRORS = ("unreadable_shard", "corrupt_tar", "truncated_tar")
 
 Batches = Iterator[tuple[dict[str, np.ndarray], dict[str, list]]]  # (model inputs, metadata)
 
@@ -138,20 +147,25 @@ class Embedder:
         return _fetch(*self.dispatch(arrays))
 
     def _shard(self, part: Partition) -> tuple[Batches, Stats]:
-        loader = _CaptionLoader(
-            [part.source],
-            kind=self.loader_kind,
-            batch_size=self.s.batch_size,
-            image_size=self.s.image_size,
-            text_length=self.s.text_length,
-            train=False,
-            epochs=1,
-            workers=self.s.workers,
-            tokenizer=self.s.tokenizer,
-            process_index=0,
-            process_count=1,
-            drop_remainder=False,
-        )
+        try:
+            loader = _CaptionLoader(
+                [part.source],
+                kind=self.loader_kind,
+                batch_size=self.s.batch_size,
+                image_size=self.s.image_size,
+                text_length=self.s.text_length,
+                train=False,
+                epochs=1,
+                workers=self.s.workers,
+                tokenizer=self.s.tokenizer,
+                process_index=0,
+                process_count=1,
+                drop_remainder=False,
+            )
+        except FileNotFoundError:  # a loader that checks its shards first: counted as read_shard
+            stats = Stats()
+            stats.count(part.source, "unreadable_shard")
+            return iter(()), stats
 
         def batches() -> Batches:
             for batch in loader:
@@ -233,12 +247,15 @@ class Embedder:
         empty = np.zeros((0, self.dim), self.s.dtype)
         arrays = {k: np.concatenate([r[k] for r in rows]) if rows else empty for k in self.s.kinds}
         self._write(part.index, arrays, meta)
+        error = next((e for e in SHARD_ERRORS if stats.skipped.get(e)), None)
         return {
             "index": part.index,
             "source": part.source,
             "rows": len(meta["key"]),
             "seen": stats.seen,
             "skipped": dict(stats.skipped),
+            "complete": error is None,  # the shard was read to its end
+            "error": error,
             "seconds": round(time.perf_counter() - start, 3),
             "worker": f"{socket.gethostname()}:{os.getpid()}",  # which process wrote it
         }
@@ -258,6 +275,64 @@ class Embedder:
         # Renamed only once every file is complete: a crash never leaves a finished-looking file.
         for tmp, path in zip(temps, paths, strict=True):
             os.replace(tmp, path)
+
+
+def choose_kinds(mode: str, parts: list[Partition], out: Path) -> tuple[tuple[str, ...], str]:
+    """`(kinds, why)` when none are asked for: what the input holds (module docstring)."""
+    try:
+        kinds = json.loads((out / "manifest.json").read_text())["settings"]["kinds"]
+        if kinds and set(kinds) <= set(KINDS):
+            return tuple(kinds), f"as recorded in {out / 'manifest.json'}"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if mode == "files":
+        files = [path for p in parts for _, path in p.files]
+        captioned = sum(Path(f).with_suffix(".txt").is_file() for f in files)
+        if not captioned:
+            return ("image",), f"none of the {len(files)} images has a .txt caption beside it"
+        if captioned < len(files):
+            return KINDS, (
+                f"{captioned} of {len(files)} images have a .txt caption; the others are skipped "
+                "(missing_caption) unless --kinds image"
+            )
+        return KINDS, f"all {len(files)} images have a .txt caption"
+    for p in parts[:PEEK_SHARDS]:
+        held = peek_shard(p.source)
+        if held is not None:
+            kinds, found = {
+                (True, True): (KINDS, "images and captions"),
+                (True, False): (("image",), "images without captions"),
+                (False, True): (("text",), "captions without images"),
+                (False, False): (KINDS, "neither images nor captions"),
+            }[held]
+            return kinds, f"the first samples of {p.source} hold {found}"
+    return KINDS, f"none of the first {min(len(parts), PEEK_SHARDS)} shard(s) could be read"
+
+
+def peek_shard(url: str, samples: int = 4) -> tuple[bool, bool] | None:
+    """`(has image, has caption)` over the first `samples` samples of a shard (any of them
+    counts), or None when the shard is missing or its first sample cannot be read."""
+    remote = "://" in url or url.startswith("pipe:")
+    if not remote and not os.path.isfile(url):
+        return None
+    image = caption = False
+    n = 0
+    with contextlib.closing(read_shard(url)) as raws:
+        for raw in raws:
+            if raw.error is not None or n == samples:
+                break
+            n += 1
+            image |= any(e in raw.members for e in IMAGE_EXTS)
+            caption |= "txt" in raw.members or _json_caption(raw.members.get("json"))
+    return (image, caption) if n else None
+
+
+def _json_caption(data: bytes | None) -> bool:
+    try:
+        meta = json.loads(data.decode("utf-8")) if data else None
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("caption"), str)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

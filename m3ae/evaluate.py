@@ -67,6 +67,7 @@ def val_loader(ctx: EvalContext, kind: str) -> Loader:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         tokenizer=data.tokenizer or None,
+        source="data.val_urls",
     )
 
 

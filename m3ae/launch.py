@@ -27,6 +27,8 @@ from typing import Any
 from tqdm import tqdm
 
 ACCELERATORS = ("cpu", "gpu", "tpu")
+# Errors in the user's input (config, data): reported as their one line at the CLI.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError)
 
 
 class HostActor:
@@ -197,6 +199,8 @@ def launch(
                 return {**summary, "restarts": failures}
             except RayTaskError as e:  # train() itself raised: retrying would raise again
                 progress.close()
+                if isinstance(e.cause, USER_ERRORS):  # the one line, not the remote traceback
+                    raise e.cause from None
                 raise e.as_instanceof_cause() from None
             except (RayActorError, ActorDiedError) as e:
                 progress.close()

@@ -8,6 +8,12 @@ parity fixtures) and the original training script's release checkpoints, a cloud
 A normal `pickle.load` of such a file imports modules and builds and calls code from it, so
 release pickles are read only through `m3ae.safe_pickle.safe_load_pickle`, which imports and
 calls nothing named in the file (see its module docstring for the threat model).
+
+Every problem with a file is a ValueError of one line that starts with the file's name: a pickle
+the safe loader refuses (EXT opcodes, object arrays, ...) or cannot parse, an npz holding object
+arrays (never unpickled) or a bad `meta/config`, and a malformed value among the flags/config
+that `infer_config` reads (`ref.pkl: flag m3ae.num_heads='twelve' is not an integer; pass
+--num-heads`). `read_reference` records the file in `meta["_file"]` for those messages.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -75,9 +82,7 @@ def read_reference(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict
     with open(name, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"
     if is_zip:
-        with np.load(name, allow_pickle=False) as z:
-            raw = {k[len("param/") :]: z[k] for k in z.files if k.startswith("param/")}
-            meta = json.loads(str(z["meta/config"][0])) if "meta/config" in z.files else {}
+        raw, meta = _read_npz(name)
         if not raw:
             raise ValueError(f"{name}: no 'param/<path>' arrays, so no M3AE parameters")
     else:
@@ -96,7 +101,39 @@ def read_reference(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict
     for key, value in raw.items():
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
             raise ValueError(f"{name}: parameter {key} is not a numeric array: {value!r:.80}")
-    return {k: v.astype(np.float32, copy=False) for k, v in raw.items()}, meta
+    return {k: v.astype(np.float32, copy=False) for k, v in raw.items()}, {**meta, "_file": name}
+
+
+def _read_npz(name: str) -> tuple[dict[str, np.ndarray], dict]:
+    """`param/<path>` arrays and the `meta/config` JSON of an npz; object arrays are refused."""
+
+    def array(z: Any, key: str) -> np.ndarray:
+        try:
+            return z[key]
+        except ValueError as e:  # allow_pickle=False: an object array would need unpickling
+            if "allow_pickle" in str(e) or "Object arrays" in str(e):
+                raise ValueError(
+                    f"{name}: array {key!r} is refused: an object array (dtype=object) is "
+                    "never unpickled; only numeric arrays are read"
+                ) from e
+            raise ValueError(f"{name}: array {key!r} is not readable: {e}") from e
+
+    try:
+        with np.load(name, allow_pickle=False) as z:
+            raw = {k[len("param/") :]: array(z, k) for k in z.files if k.startswith("param/")}
+            config = array(z, "meta/config") if "meta/config" in z.files else None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{name}: not a readable .npz ({type(e).__name__}: {e})") from e
+    if config is None:
+        return raw, {}
+    text = config.reshape(-1)[0] if config.size == 1 and config.dtype.kind in "SU" else None
+    try:
+        meta = json.loads(text.decode() if isinstance(text, bytes) else str(text))
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if text is None or not isinstance(meta, dict):
+        raise ValueError(f"{name}: meta/config is not one JSON object string ({config!r:.60})")
+    return raw, meta
 
 
 # ------------------------------------------------------------------------------------- mapping
@@ -183,20 +220,84 @@ _EXTRAS = {  # our config key -> names in the npz meta or the flattened release 
 }  # fmt: skip
 
 
-def _meta_get(meta: Mapping[str, Any], *names: str) -> Any:
+# Our config key -> (parse, what a valid value is); a value failing it stops the import.
+_FLAG_KINDS = {
+    "image_size": ("int", "a positive integer"), "text_length": ("int", "a positive integer"),
+    "patch_size": ("int", "a positive integer"),
+    "image_loss_weight": ("float", "a number >= 0"), "text_loss_weight": ("float", "a number >= 0"),
+    "image_mask_ratio": ("ratio", "a number in [0, 1)"),
+    "text_mask_ratio": ("ratio", "a number in [0, 1)"),
+}  # fmt: skip
+
+
+def _meta_get(meta: Mapping[str, Any], *names: str) -> tuple[str | None, Any]:
+    """`(flag name as found, value)` of the first of `names` set in meta, else `(None, None)`."""
     # npz meta uses bare names; the release `variant` holds flattened flags ("m3ae.x", "data.x").
     scopes = [meta] + ([meta["variant"]] if isinstance(meta.get("variant"), Mapping) else [])
     keys = [k for n in names for k in (n, f"m3ae.{n}", f"data.{n}")]
-    return next((s[k] for s in scopes for k in keys if s.get(k) not in (None, "")), None)
+    found = ((k, s[k]) for s in scopes for k in keys if s.get(k) not in (None, ""))
+    return next(found, (None, None))
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer flag: an int, an integral float or a string of digits; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str | np.number):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _flag(meta: Mapping[str, Any], key: str, *names: str) -> Any:
+    """The parsed value of flag `key` (found under `names`), None if absent; malformed: error."""
+    found, value = _meta_get(meta, *(names or (key,)))
+    if found is None:
+        return None
+    parse, expected = _FLAG_KINDS[key]
+    number = _as_int(value) if parse == "int" else _as_float(value)
+    ok = number is not None and (number > 0 if parse == "int" else number >= 0)
+    if not ok or (parse == "ratio" and number >= 1):
+        raise ValueError(f"{_where(meta)}flag {found}={value!r:.60} is not {expected}")
+    return number
+
+
+def _where(meta: Mapping[str, Any]) -> str:
+    return f"{meta['_file']}: " if isinstance(meta.get("_file"), str) else ""
 
 
 def _heads(width: int, dec: bool, meta: Mapping[str, Any]) -> int | None:
-    model_type = _meta_get(meta, "model_type")  # in the original it overrides explicit flags
+    model_type = _meta_get(meta, "model_type")[1]  # in the original it overrides explicit flags
     size = _SIZES.get(model_type) if isinstance(model_type, str) else None
     if size is not None and size[2 * dec] == width:
         return size[2 * dec + 1]
-    if (explicit := _meta_get(meta, "dec_num_heads" if dec else "num_heads")) is not None:
-        return int(explicit)
+    name = "dec_num_heads" if dec else "num_heads"
+    found, explicit = _meta_get(meta, name)
+    if found is not None:
+        heads, option = _as_int(explicit), "--" + name.replace("_", "-")
+        if heads is None:
+            raise ValueError(
+                f"{_where(meta)}flag {found}={explicit!r:.60} is not an integer; pass {option}"
+            )
+        if heads <= 0 or width % heads:
+            raise ValueError(
+                f"{_where(meta)}flag {found}={explicit!r:.60} cannot split width {width} into "
+                f"heads (expected a positive divisor of {width}); pass {option}"
+            )
+        return heads
     return next((s[2 * dec + 1] for s in _SIZES.values() if s[2 * dec] == width), None)
 
 
@@ -206,12 +307,13 @@ def infer_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> dict:
     """Our model kwargs: widths, depths, vocab and patch from shapes; heads and the rest from
-    meta (or the original's size table); `overrides` win over everything."""
-    meta = meta or {}
+    meta (or the original's size table); `overrides` win over everything. A malformed flag
+    that is used (not overridden) raises a ValueError naming the file, the flag and its value."""
+    meta, overrides = meta or {}, dict(overrides or {})
 
     def dims(key: str) -> tuple[int, ...]:
         if key not in flat_orig:
-            raise ValueError(f"cannot infer the config: missing parameter {key}")
+            raise ValueError(f"{_where(meta)}cannot infer the config: missing parameter {key}")
         return tuple(flat_orig[key].shape)
 
     patch_dim, emb = dims("image_embedding/kernel")
@@ -221,29 +323,49 @@ def infer_config(
     if hidden % emb or dec_hidden % dec_emb or hidden // emb != dec_hidden // dec_emb:
         raise ValueError(f"MLP widths {hidden}/{emb}, {dec_hidden}/{dec_emb}: no common ratio")
     patch = math.isqrt(patch_dim // 3)
-    if patch * patch * 3 != patch_dim or _meta_get(meta, "patch_size") not in (None, patch):
-        raise ValueError(f"image embedding input {patch_dim} is not an RGB patch of meta's size")
+    if patch * patch * 3 != patch_dim:
+        raise ValueError(f"{_where(meta)}image embedding input {patch_dim} is not an RGB patch")
+    if (flag := _flag(meta, "patch_size")) not in (None, patch):
+        raise ValueError(
+            f"{_where(meta)}flag patch_size={flag} does not match the image embedding's "
+            f"{patch}x{patch} RGB patches ({patch_dim} inputs)"
+        )
+    heads = {
+        name: None
+        if overrides.get(name) is not None
+        else _heads(width, name.startswith("dec"), meta)
+        for name, width in (("num_heads", emb), ("dec_num_heads", dec_emb))
+    }
     config: dict[str, Any] = {
         "emb_dim": emb, "depth": _num_blocks(flat_orig, "encoder"),
-        "num_heads": _heads(emb, False, meta),
+        "num_heads": heads["num_heads"],
         "dec_emb_dim": dec_emb, "dec_depth": _num_blocks(flat_orig, "decoder"),
-        "dec_num_heads": _heads(dec_emb, True, meta), "mlp_ratio": hidden // emb,
+        "dec_num_heads": heads["dec_num_heads"], "mlp_ratio": hidden // emb,
         "patch_size": patch, "vocab_size": dims("text_embedding/embedding")[0],
     }  # fmt: skip
     for key, names in _EXTRAS.items():
-        if (value := _meta_get(meta, *names)) is not None:
+        if (value := _flag(meta, key, *names)) is not None:
             config[key] = value
-    config.update(overrides or {})
+    config.update({k: v for k, v in overrides.items() if v is not None})
     unknown = [k for k in ("num_heads", "dec_num_heads") if config[k] is None]
     if unknown:
         raise ValueError(
-            f"cannot tell the number of attention heads for widths {emb}/{dec_emb}: the file does "
-            f"not record them; pass the overrides {', '.join(k + '=...' for k in unknown)}"
+            f"{_where(meta)}cannot tell the number of attention heads for widths {emb}/{dec_emb}: "
+            f"the file does not record them; pass {' and '.join(_option(k) for k in unknown)}"
         )
-    for width, heads in ((emb, int(config["num_heads"])), (dec_emb, int(config["dec_num_heads"]))):
-        if heads <= 0 or width % heads:
-            raise ValueError(f"width {width} cannot be split into {heads} attention heads")
+    for name, width in (("num_heads", emb), ("dec_num_heads", dec_emb)):
+        value = _as_int(config[name])
+        if value is None or value <= 0 or width % value:
+            raise ValueError(
+                f"{_where(meta)}override {name}={config[name]!r:.40} (--{name.replace('_', '-')}) "
+                f"cannot split width {width} into attention heads: expected a positive divisor"
+            )
+        config[name] = value
     return config
+
+
+def _option(name: str) -> str:
+    return f"--{name.replace('_', '-')} N (override {name}=N)"
 
 
 def summarize(params: Mapping[str, Any], config: Mapping[str, Any]) -> str:

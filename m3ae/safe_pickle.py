@@ -20,6 +20,11 @@ a crafted file runs arbitrary code (`os.system`, `eval`, `getattr(__import__("os
   process-global extension registry) and PERSID/BINPERSID (persistent ids). All other opcodes
   only build containers and scalars in the unpickler itself.
 
+Every refusal, and every file that is not a well-formed pickle (truncated, unknown opcodes, a
+stack that does not add up), raises `UnsafePickleError`, a `ValueError` with one line; given a
+path, the line starts with it (`ref.pkl: opcode EXT1 at byte 2 is refused: ...`), so the CLI
+reports it as a bad input file, never with a traceback.
+
 `to_plain` then turns records whose state is a dict (dataclasses, flax TrainStates and
 FrozenDicts, ...) into nested dicts, so a checkpoint reads as plain containers of arrays.
 """
@@ -40,8 +45,9 @@ import numpy as np
 __all__ = ["InertRecord", "RecordData", "UnsafePickleError", "safe_load_pickle", "to_plain"]
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle uses something the safe loader refuses (object arrays, extensions, ...)."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """The pickle uses something the safe loader refuses (object arrays, extensions, ...), or is
+    not a well-formed pickle. A ValueError too: a bad input file, reported in one line."""
 
 
 # EXT opcodes read copyreg's process-global extension cache without asking find_class;
@@ -115,10 +121,18 @@ class _DTypeSpec:
 
 
 def _safe_dtype(name: Any, align: Any = False, copy: Any = False) -> _DTypeSpec:
-    ok = isinstance(name, str) and re.fullmatch(r"[a-z?]\d{0,2}", name)
-    dtype = np.dtype(name) if ok else None
+    dtype = None
+    if isinstance(name, str) and re.fullmatch(r"[a-z?]\d{0,2}", name):
+        try:
+            dtype = np.dtype(name)
+        except (TypeError, ValueError):  # "z9": no such type
+            pass
     if dtype is None or dtype.kind not in "biufc":  # numbers only: object 'O' is refused here
-        raise UnsafePickleError(f"numpy dtype {name!r:.80} is not allowed (only numeric dtypes)")
+        what = "an object array" if isinstance(name, str) and name[:1] == "O" else "not numeric"
+        raise UnsafePickleError(
+            f"numpy dtype {name!r:.40} is refused ({what}): only bool, int, uint, float and "
+            "complex arrays are read"
+        )
     return _DTypeSpec(dtype)
 
 
@@ -160,7 +174,9 @@ def _safe_latin1(text: Any, encoding: Any = "utf-8") -> bytes:
 def _safe_ordered_dict(items: Any = ()) -> dict:
     # Only containers the unpickler already built: no lazy iterables from the file.
     if not isinstance(items, list | tuple | dict):
-        raise UnsafePickleError(f"refusing OrderedDict({type(items).__name__})")
+        raise UnsafePickleError(
+            f"OrderedDict({type(items).__name__}) is refused (only of a list, tuple or dict)"
+        )
     return dict(items)
 
 
@@ -207,23 +223,49 @@ class _SafeUnpickler(pickle.Unpickler):
         raise UnsafePickleError("persistent ids are refused")
 
 
+_OPCODE_WHY = {
+    "EXT": "copyreg extension codes name objects outside the loader's allowlist",
+    "PER": "persistent ids need a resolver this loader does not have",
+}
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def safe_load_pickle(
     path_or_file: str | os.PathLike | IO[bytes], *, encoding: str = "ASCII"
 ) -> Any:
     """Unpickle without importing any module or running any code named in the file.
 
     `encoding` decodes Python 2 `str`s, as in `pickle.load`; use "latin1" for Python 2 numpy
-    pickles, whose array data and dtype names are such strings.
+    pickles, whose array data and dtype names are such strings. Raises `UnsafePickleError` (a
+    ValueError; its one line starts with the path when given one) for anything refused and for
+    files that are not well-formed pickles.
     """
+    label = None
     if isinstance(path_or_file, str | os.PathLike):
+        label = os.fspath(path_or_file)
         with open(path_or_file, "rb") as f:
             data = f.read()
     else:
         data = path_or_file.read()
-    for op, _, pos in pickletools.genops(data):
-        if op.name in _REFUSED_OPCODES:
-            raise UnsafePickleError(f"opcode {op.name} at byte {pos} is refused")
-    return _resolve(_SafeUnpickler(io.BytesIO(data), encoding).load(), {})
+    where = f"{label}: " if label else ""
+    try:
+        for op, _, pos in pickletools.genops(data):
+            if op.name in _REFUSED_OPCODES:
+                raise UnsafePickleError(
+                    f"opcode {op.name} at byte {pos} is refused: {_OPCODE_WHY[op.name[:3]]}"
+                )
+        return _resolve(_SafeUnpickler(io.BytesIO(data), encoding).load(), {})
+    except UnsafePickleError as e:
+        text = _one_line(e)
+        text = text if "refus" in text else f"refused: {text}"
+        raise UnsafePickleError(where + text) from e
+    except Exception as e:  # noqa: BLE001 - nothing from the file ran: a malformed pickle
+        detail = _one_line(f"{type(e).__name__}: {e}")
+        raise UnsafePickleError(f"{where}not a well-formed pickle ({detail})") from e
 
 
 def _resolve(obj: Any, memo: dict) -> Any:

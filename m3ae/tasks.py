@@ -196,6 +196,7 @@ def held_out_batch(
         process_count=1,
         tokenizer=data.tokenizer or None,
         drop_remainder=False,
+        source="data.val_urls" if data.val_urls else "the pictures' shards",
     )
     batches, seen = [], set()
     for batch in loader:  # until `count` classes are seen, or `scan` samples

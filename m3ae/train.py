@@ -31,6 +31,7 @@ from m3ae.evaluate import EvalContext, run_hooks
 from m3ae.flops import measure_matmul_peak
 from m3ae.metrics import MetricsLogger
 from m3ae.optim import make_optimizer
+from m3ae.preflight import check_inputs
 from m3ae.sharding import global_batch, make_mesh, replicated, tree_shardings
 from m3ae.step import init_state, make_train_step
 from m3ae.tasks import make_task, resolve_tokenizer
@@ -63,6 +64,8 @@ def train(
     config_dict = json.loads(config.to_json_best_effort())
     is_main = jax.process_index() == 0
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    if batches is None:
+        check_inputs(config, mesh)  # shards, batch split, sizes: before any compile
     total_steps, steps_per_epoch = schedule_length(config)
     tx, schedule = make_optimizer(config.optim, total_steps, steps_per_epoch)
     config = resolve_tokenizer(config, workdir_path)  # "captions:N": learn it (once)

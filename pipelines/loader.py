@@ -12,7 +12,9 @@ augmentation RNG is derived from `(seed, host, epoch, ordinal)`, never from shar
 is what makes restoring a state reproduce the exact next batches.
 
 Bad samples are skipped with a reason and counted (`loader.stats`, also in every batch's state):
-`seen = used + sum(skipped)` holds for every shard.
+`seen = used + sum(skipped)` holds for every shard. The shards must exist when the loader is
+built (`check_shards`), and an endless stream that cannot make a batch stops with
+`NoUsableSamples` naming the shards and the skip reasons (`Starvation`), never spins.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.images import ImageError, preprocess
-from pipelines.shards import RawSample, expand_urls, host_shards
+from pipelines.shards import RawSample, check_shards, expand_urls, host_shards
 from pipelines.stream import ShardStream
 from pipelines.tokenizer import load_tokenizer, tokenize
 
@@ -154,6 +156,49 @@ class Stats:
         )
 
 
+class NoUsableSamples(ValueError):
+    """An endless stream that reads samples but cannot use any of them."""
+
+
+class Starvation:
+    """Watches an endless stream for reading without using: `limit` skipped samples in a row,
+    or a whole epoch without a used sample, raise `NoUsableSamples` naming shards and reasons.
+
+    `start_epoch` is the epoch the stream starts in; `fresh` says it starts at its beginning (a
+    restored stream starts mid-epoch, so its first epoch is not a whole one).
+    """
+
+    def __init__(self, limit: int, source: str, kind: str, start_epoch: int, fresh: bool):
+        self.limit, self.source, self.kind = max(1, int(limit)), source, kind
+        self.last_used_epoch = start_epoch - 1 if fresh else start_epoch
+        self.run = 0
+        self.reasons: Counter[str] = Counter()
+        self.shards: Counter[str] = Counter()
+
+    def used(self, epoch: int) -> None:
+        self.last_used_epoch, self.run = epoch, 0
+        self.reasons.clear()
+        self.shards.clear()
+
+    def skipped(self, shard: str, reason: str, epoch: int) -> None:
+        if epoch - self.last_used_epoch >= 2:  # counted up to the end of that pass
+            self._fail(f"a whole pass over its shards (epoch {epoch - 1}) used no sample")
+        self.run += 1
+        self.reasons[reason] += 1
+        self.shards[shard] += 1
+        if self.run >= self.limit:
+            self._fail(f"{self.run} samples in a row were unusable")
+
+    def _fail(self, what: str) -> None:
+        reasons = ", ".join(f"{r} {n}" for r, n in self.reasons.most_common())
+        names = [s for s, _ in self.shards.most_common(3)]
+        more = f" and {len(self.shards) - 3} more" if len(self.shards) > 3 else ""
+        raise NoUsableSamples(
+            f"{self.source}: no usable {self.kind} sample: {what} (skipped: {reasons}) "
+            f"in {', '.join(names)}{more}"
+        )
+
+
 class Loader:
     """Batches of one kind of sample from this process's shards; see the module docstring."""
 
@@ -179,15 +224,20 @@ class Loader:
         state: dict[str, Any] | None = None,
         snapshot_every: int = 256,
         drop_remainder: bool = True,
+        source: str = "shards",
+        max_consecutive_skips: int = 10_000,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if batch_size < 1:
+            raise ValueError(f"{source}: batch size must be >= 1, got {batch_size}")
         if process_index is None or process_count is None:
             import jax
 
             process_index, process_count = jax.process_index(), jax.process_count()
         all_urls = expand_urls(urls)
         mine = all_urls if resampled else host_shards(all_urls, process_index, process_count)
+        check_shards(mine, source)
         self.kind, self.batch_size = kind, int(batch_size)
         self.image_size, self.text_length, self.train = int(image_size), int(text_length), train
         self.seed, self.host, self.workers = int(seed), int(process_index), int(workers)
@@ -213,6 +263,12 @@ class Loader:
             self.stream.load_state(state["stream"])
             for _ in range(int(state["skip"])):
                 self.stream.next()
+        # Only an endless stream can spin; a finite pass ends, and its caller judges the count.
+        self.starvation = (
+            Starvation(max_consecutive_skips, source, kind, self.stream.epoch, state is None)
+            if epochs is None
+            else None
+        )
         self._emitted = 0  # emissions since the resume point
         self._snapshots: deque[tuple[int, dict[str, Any]]] = deque()
 
@@ -227,10 +283,10 @@ class Loader:
             drop = self.drop_rate > 0 and rng.random() < self.drop_rate
         return make_example(raw, self.kind, self.image_size, self.train, rng, self.max_pixels, drop)
 
-    def _examples(self) -> Iterator[tuple[int, Example | str, RawSample]]:
-        """`(emission number, result, raw)` in stream order, decoded `workers` at a time."""
+    def _examples(self) -> Iterator[tuple[int, int, Example | str, RawSample]]:
+        """`(emission number, epoch, result, raw)` in stream order, decoded `workers` at a time."""
         pool = ThreadPoolExecutor(self.workers) if self.workers > 0 else None
-        window: deque[tuple[int, Future | Example | str, RawSample]] = deque()
+        window: deque[tuple[int, int, Future | Example | str, RawSample]] = deque()
         depth = max(1, 4 * self.workers)
         try:
             while True:
@@ -248,11 +304,11 @@ class Loader:
                         if pool
                         else self._work(raw, epoch, ordinal)
                     )
-                    window.append((n, job, raw))
+                    window.append((n, epoch, job, raw))
                 if not window:
                     return
-                n, job, raw = window.popleft()
-                yield n, (job.result() if isinstance(job, Future) else job), raw
+                n, epoch, job, raw = window.popleft()
+                yield n, epoch, (job.result() if isinstance(job, Future) else job), raw
         finally:
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -273,11 +329,15 @@ class Loader:
         if self._emitted:
             raise RuntimeError("a Loader is iterated once; build a new one from a batch's state")
         examples: list[Example] = []
-        for n, result, raw in self._examples():
+        for n, epoch, result, raw in self._examples():
             if isinstance(result, str):
                 self.stats.count(raw.shard, result)
+                if self.starvation:
+                    self.starvation.skipped(raw.shard, result, epoch)
                 continue
             self.stats.count(raw.shard, None)
+            if self.starvation:
+                self.starvation.used(epoch)
             examples.append(result)
             if len(examples) == self.batch_size:
                 self.batches += 1

@@ -88,6 +88,8 @@ def build_loaders(
             process_index=process_index,
             process_count=process_count,
             state=(state or {}).get(name),
+            source=f"data.{name}.urls",
+            max_consecutive_skips=int(data.get("max_consecutive_skips", 10_000)),
         )
         if streams == 1 and feeders == "threads":
             check_state(kwargs["state"], None)

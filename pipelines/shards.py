@@ -10,6 +10,11 @@ reported *as a sample* with `error` set (a truncated tar yields one `truncated_t
 the partial group and stops; an unreadable shard yields one `unreadable_shard` sample), so the
 loader counts it at the point where it would have been consumed: seen = used + skipped holds
 per shard, and a resumed run counts exactly what an uninterrupted run counts.
+
+`check_shards` fails fast, in one line, on a shard list that cannot be read at all (a mistyped
+path), before anything is compiled. Read errors are logged rate-limited (`ErrorLog`): the first
+error of a shard is printed, repeats are counted and summarised at most every 30 s, so a shard
+that fails every epoch never floods the log.
 """
 
 from __future__ import annotations
@@ -19,13 +24,18 @@ import json
 import os
 import re
 import tarfile
+import threading
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from braceexpand import braceexpand
 
 TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+# What a shard directory contributes: tar files, plain or compressed (tarfile reads them all).
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # Keys as webdataset splits them: everything up to the first dot of the file name.
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
@@ -50,12 +60,16 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
             for url in braceexpand(part.strip()):
                 if not url:
                     continue
-                if "://" in url or url.startswith("pipe:"):
+                if is_remote(url):
                     urls.append(url)
                 elif os.path.isdir(url):
-                    found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                    found = sorted(
+                        os.path.join(url, name)
+                        for name in os.listdir(url)
+                        if name.lower().endswith(TAR_SUFFIXES)
+                    )
                     if not found:
-                        raise FileNotFoundError(f"no *.tar shards in directory {url}")
+                        raise FileNotFoundError(f"no .tar/.tar.gz/.tgz shards in directory {url}")
                     urls.extend(found)
                 elif any(c in url for c in "*?["):
                     found = sorted(glob.glob(url))
@@ -67,6 +81,36 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
     if not urls:
         raise ValueError(f"no shards in {spec!r}")
     return urls
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def check_shards(urls: Sequence[str], source: str = "shards") -> None:
+    """One clear error, before any work, when `urls` cannot be read at all: no local shard is a
+    file, or a remote list whose first shard does not open (`source` names the option). Some
+    missing local shards (a partial download) are one warning; each is then skipped and counted
+    as `unreadable_shard` where the stream reaches it."""
+    missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        what = (
+            f"{source}: {len(missing)} of {len(urls)} shard(s) do not exist: "
+            f"{', '.join(missing[:3])}{more}"
+        )
+        if len(missing) == len(urls):
+            raise FileNotFoundError(what)
+        print(f"pipelines: warning: {what}; they are skipped and counted", flush=True)
+    remote = [u for u in urls if is_remote(u)]
+    if remote:
+        try:
+            with _open(remote[0]) as stream:
+                stream.read(1)
+        except Exception as e:  # noqa: BLE001 - any opener failure means: cannot read it
+            raise FileNotFoundError(
+                f"{source}: cannot open {remote[0]}: {type(e).__name__}: {e}"
+            ) from e
 
 
 def host_shards(urls: Sequence[str], process_index: int, process_count: int) -> list[str]:
@@ -164,7 +208,7 @@ def shard_keys(url: str) -> list[str]:
     if url.lower().endswith(TEXT_FILE_SUFFIXES):
         return []  # text-only lines: no image samples
     keys: list[str] = []
-    if "://" in url or url.startswith("pipe:"):
+    if is_remote(url):
         stream = _open(url)  # a remote shard can only be streamed: read, still not decoded
         tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo)
     else:
@@ -221,5 +265,45 @@ def _read_text_file(url: str, skip: int) -> Iterator[RawSample]:
             index += 1
 
 
+class ErrorLog:
+    """Shard read errors, rate-limited: each shard's first error is printed (for the first
+    `distinct` shards); the rest are counted and summarised at most once per `interval` s."""
+
+    def __init__(self, interval: float = 30.0, distinct: int = 20, out: Any = None):
+        self.interval, self.distinct, self.out = float(interval), int(distinct), out
+        self.total = 0
+        self._printed: set[str] = set()
+        self._pending: dict[str, int] = {}
+        self._last_summary = time.monotonic()
+        self._lock = threading.Lock()
+
+    def report(self, url: str, error: Exception) -> None:
+        line = f"{type(error).__name__}: {error}"
+        with self._lock:
+            self.total += 1
+            if url not in self._printed and len(self._printed) < self.distinct:
+                self._printed.add(url)
+                self._print(f"pipelines: shard {url}: {line}")
+                return
+            self._pending[url] = self._pending.get(url, 0) + 1
+            if time.monotonic() - self._last_summary >= self.interval:
+                self._summarise(f"latest: {url}: {line}")
+
+    def _summarise(self, latest: str) -> None:
+        count, shards = sum(self._pending.values()), len(self._pending)
+        self._print(
+            f"pipelines: {count} more shard read error(s) in {shards} shard(s) since the last "
+            f"report ({self.total} in all); {latest}"
+        )
+        self._pending.clear()
+        self._last_summary = time.monotonic()
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+
+ERRORS = ErrorLog()
+
+
 def _log_error(url: str, error: Exception) -> None:
-    print(f"pipelines: shard {url}: {type(error).__name__}: {error}", flush=True)
+    ERRORS.report(url, error)

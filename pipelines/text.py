@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.loader import Batch, Stats
-from pipelines.shards import RawSample, host_shards
+from pipelines.loader import Batch, Starvation, Stats
+from pipelines.shards import RawSample, check_shards, host_shards
 from pipelines.stream import ShardStream
 from pipelines.text_sources import expand_text_urls, read_documents, tokenize_documents
 from pipelines.tokenizer import GPT2_EOS, load_gpt2_tokenizer
@@ -70,6 +70,8 @@ class TextLoader:
         text_field: str = "text",
         chunk: int = 64,
         snapshot_every: int = 256,
+        source: str = "data.urls",
+        max_consecutive_skips: int = 10_000,
     ):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -79,6 +81,7 @@ class TextLoader:
             process_index, process_count = jax.process_index(), jax.process_count()
         all_urls = expand_text_urls(urls)
         mine = all_urls if resampled else host_shards(all_urls, process_index, process_count)
+        check_shards(mine, source)
         self.batch_size, self.seq_len, self.train = int(batch_size), int(seq_len), bool(train)
         self.drop_remainder = bool(drop_remainder)
         self.chunk, self.snapshot_every = max(1, int(chunk)), max(1, int(snapshot_every))
@@ -108,28 +111,34 @@ class TextLoader:
             # Tokens of the next document already packed before the state was taken (it was
             # counted then, so it is not counted again).
             self._resume_offset = int(state["offset"])
+        self.starvation = (
+            Starvation(max_consecutive_skips, source, "text", self.stream.epoch, state is None)
+            if epochs is None
+            else None
+        )
         self._emitted = 0  # documents taken from the stream since the resume point
         self._snapshots: deque[tuple[int, dict[str, Any]]] = deque()
 
     # ------------------------------------------------------------------------ documents
-    def _documents(self) -> Iterator[tuple[int, np.ndarray | str, RawSample]]:
-        """`(emission number, tokens or skip reason, raw)` in stream order, `chunk` at a time."""
+    def _documents(self) -> Iterator[tuple[int, int, np.ndarray | str, RawSample]]:
+        """`(emission number, epoch, tokens or skip reason, raw)` in stream order, `chunk` at a
+        time."""
         while True:
-            raws: list[tuple[int, RawSample]] = []
+            raws: list[tuple[int, int, RawSample]] = []
             while len(raws) < self.chunk:
                 if self._emitted % self.snapshot_every == 0:
                     self._snapshots.append((self._emitted, self.stream.state()))
                 try:
-                    raw, _, _ = self.stream.next()
+                    raw, epoch, _ = self.stream.next()
                 except StopIteration:
                     break
-                raws.append((self._emitted, raw))
+                raws.append((self._emitted, epoch, raw))
                 self._emitted += 1
             if not raws:
                 return
-            results = tokenize_documents([raw for _, raw in raws], self.tokenizer)
-            for (n, raw), result in zip(raws, results, strict=True):
-                yield n, result, raw
+            results = tokenize_documents([raw for _, _, raw in raws], self.tokenizer)
+            for (n, epoch, raw), result in zip(raws, results, strict=True):
+                yield n, epoch, result, raw
 
     def state_at(self, next_emission: int, offset: int = 0) -> dict[str, Any]:
         """The state that resumes at document `next_emission` (from our start), `offset` in."""
@@ -148,7 +157,7 @@ class TextLoader:
     # ------------------------------------------------------------------------ packing
     def _next_document(self, docs: Iterator, cur: _Cursor) -> bool:
         """Point `cur` at the next usable document (counting the skipped ones); False at the end."""
-        for n, result, raw in docs:
+        for n, epoch, result, raw in docs:
             if self._resume_offset:  # the partly packed document of the restored state
                 if isinstance(result, str):
                     raise RuntimeError(
@@ -159,9 +168,14 @@ class TextLoader:
                 self._resume_offset = 0
                 return True
             self.stats.count(raw.shard, result if isinstance(result, str) else None)
-            if not isinstance(result, str):
-                cur.set(n, result, raw, 0)
-                return True
+            if isinstance(result, str):
+                if self.starvation:
+                    self.starvation.skipped(raw.shard, result, epoch)
+                continue
+            if self.starvation:
+                self.starvation.used(epoch)
+            cur.set(n, result, raw, 0)
+            return True
         return False
 
     def __iter__(self) -> Iterator[Batch]:
@@ -284,6 +298,7 @@ def build_text_loaders(
         process_count=process_count,
         state=(state or {}).get("text"),
         drop_remainder=train,
+        source=f"data.{'urls' if train else 'val_urls'}",
         shuffle_buffer=int(data.get("shuffle_buffer", 256)),
         resampled=bool(data.get("resampled", False)),
         text_field=str(data.get("text_field", "text")),

@@ -203,3 +203,154 @@ def test_batches_split_over_three_devices(embedded, model_dir, clipart_shards, t
     assert a["meta"] == b["meta"]
     for k in ("image", "joint"):
         np.testing.assert_allclose(a[k].astype(np.float32), b[k].astype(np.float32), atol=2e-3)
+
+
+# ------------------------------------------------- damaged inputs, chosen kinds, bad options
+CLI_FAST = ["--batch-size", "32", "--workers", "2", "--no-progress"]
+
+
+def cli(capsys, *args) -> tuple[int, str, list[str]]:
+    """`m3ae embed ARGS` in this process: (exit code, stdout, stderr lines)."""
+    from m3ae.cli import main
+
+    code = main(["embed", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+def test_missing_shard_is_not_finished_and_a_rerun_embeds_it(
+    embedded, model_dir, clipart_shards, tmp_path, capsys
+):
+    src, _ = embedded
+    late = tmp_path / "late" / "00001.tar"  # not there yet
+    out = tmp_path / "out"
+    args = ["--model", model_dir, "--inputs", f"{clipart_shards[0]}::{late}", "--out", out]
+    code, stdout, err = cli(capsys, *args, *CLI_FAST)
+    assert code == 2
+    assert err == [
+        "m3ae embed: error: 1 of 2 shard(s) not read to the end, so not marked finished (rerun "
+        f"once they are readable): {late} (unreadable_shard, 0 rows kept); "
+        f"{len(load(src, 0)['meta']['key'])} rows written to {out}"
+    ]
+    assert f"embed: not finished (rerun to retry): {late} (unreadable_shard" in stdout
+    assert f"kinds image,text,joint: the first samples of {clipart_shards[0]}" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finished"] == [0] and manifest["incomplete"] == [1]
+    assert not manifest["complete"]
+    record = manifest["partitions"]["1"]
+    assert (record["complete"], record["error"], record["rows"]) == (False, "unreadable_shard", 0)
+    assert load(out, 0)["meta"] == load(src, 0)["meta"]  # the good partition is kept
+
+    late.parent.mkdir()
+    shutil.copy(clipart_shards[1], late)  # the shard appears: the rerun embeds it
+    code, stdout, err = cli(capsys, *args, *CLI_FAST)
+    assert code == 0 and err == []
+    assert "1 of 2 partitions computed (1 already done)" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finished"] == [0, 1] and manifest["complete"] and not manifest["incomplete"]
+    a, b = load(src, 1), load(out, 1)
+    assert a["meta"]["key"] == b["meta"]["key"]
+    np.testing.assert_array_equal(a["joint"], b["joint"])
+
+
+def test_truncated_shard_keeps_its_rows_but_is_recomputed(
+    embedded, model_dir, clipart_shards, tmp_path
+):
+    from m3ae.embed import EmbedFailed
+
+    src, _ = embedded
+    full = Path(clipart_shards[2]).read_bytes()
+    shard = tmp_path / "shard.tar"
+    shard.write_bytes(full[: len(full) // 2])  # breaks off inside a member
+    out = tmp_path / "out"
+    with pytest.raises(EmbedFailed, match=r"^1 of 1 shard\(s\) not read to the end") as failed:
+        embed(model_dir, str(shard), out, **FAST)
+    assert f"{shard} (truncated_tar, " in str(failed.value)
+    record = failed.value.summary["partitions"]["0"]
+    assert not record["complete"] and record["error"] == "truncated_tar"
+    assert record["skipped"]["truncated_tar"] == 1 and record["seen"] == record["rows"] + 1
+    whole = load(src, 2)
+    kept = load(out, 0)
+    assert 0 < len(kept["meta"]["key"]) == record["rows"] < len(whole["meta"]["key"])
+    assert kept["meta"]["key"] == whole["meta"]["key"][: record["rows"]]  # rows before the damage
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finished"] == [] and manifest["incomplete"] == [0]
+
+    shard.write_bytes(full)  # repaired: the rerun recomputes the partition
+    summary = embed(model_dir, str(shard), out, **FAST)
+    assert summary["computed"] == [0] and summary["finished"] == [0] and summary["complete"]
+    assert load(out, 0)["meta"]["key"] == whole["meta"]["key"]
+
+
+def test_folder_without_captions_embeds_images_alone(model_dir, clipart_shards, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    with tarfile.open(clipart_shards[0]) as tar:
+        for m in [m for m in tar.getmembers() if m.name.endswith(".jpg")][:3]:
+            (images / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    code, stdout, err = cli(capsys, "--model", model_dir, "--inputs", images, "--out",
+                            tmp_path / "a", *CLI_FAST)  # fmt: skip
+    assert code == 0 and err == []
+    assert "embed: kinds image: none of the 3 images has a .txt caption beside it" in stdout
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["settings"]["kinds"] == ["image"] and manifest["counts"]["rows"] == 3
+    assert load(tmp_path / "a", 0, ("image",))["image"].shape == (3, 64)
+    # Kinds the input cannot give: nothing written, so not a success.
+    code, stdout, err = cli(capsys, "--model", model_dir, "--inputs", images, "--out",
+                            tmp_path / "b", "--kinds", "image,joint", *CLI_FAST)  # fmt: skip
+    assert code == 2
+    assert err == [
+        f"m3ae embed: error: no rows written to {tmp_path / 'b'}: all 3 samples skipped "
+        "(missing_caption 3); --kinds image,joint needs captions: --kinds image embeds the "
+        "images alone"
+    ]
+
+
+def test_kinds_follow_what_shards_hold(clipart_shards, tmp_path):
+    from m3ae.embedder import KINDS as ALL
+    from m3ae.embedder import Partition, choose_kinds
+
+    pictures = tmp_path / "pictures.tar"  # the clipart drawings without their captions
+    with tarfile.open(clipart_shards[0]) as src, tarfile.open(pictures, "w") as dst:
+        for m in src.getmembers():
+            if m.name.endswith(".jpg"):
+                dst.addfile(m, src.extractfile(m))
+    captions = tmp_path / "captions.txt"  # a text-only shard: one caption a line
+    captions.write_text("a red apple\na blue car\n")
+    missing = str(tmp_path / "missing.tar")
+    cases = {
+        (missing, str(pictures)): (("image",), f"{pictures} hold images without captions"),
+        (str(captions),): (("text",), f"{captions} hold captions without images"),
+        (clipart_shards[0],): (ALL, "hold images and captions"),
+        (missing,): (ALL, "none of the first 1 shard(s) could be read"),
+    }
+    for urls, (kinds, why) in cases.items():
+        parts = [Partition(i, u) for i, u in enumerate(urls)]
+        got, text = choose_kinds("shards", parts, tmp_path / "none")
+        assert got == kinds and why in text, (urls, text)
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [("--batch-size", "0"), ("--batch-size", "-3"), ("--partition-size", "0"),
+     ("--workers", "-1"), ("--image-size", "0"), ("--text-length", "-1"), ("--actors", "0")],
+)  # fmt: skip
+def test_nonsense_numbers_fail_before_the_model_is_read(option, value, tmp_path, capsys):
+    nowhere = tmp_path / "no-model"  # never read: the options are checked first
+    code, stdout, err = cli(capsys, "--model", nowhere, "--inputs", tmp_path, "--out",
+                            tmp_path / "out", option, value)  # fmt: skip
+    assert code == 2
+    least = 0 if option == "--workers" else 1
+    assert err == [f"m3ae embed: error: {option} must be an integer >= {least}, got {value}"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_size_zero_via_the_command(model_dir, clipart_shards, tmp_path):
+    args = [sys.executable, "-m", "m3ae.cli", "embed", "--model", str(model_dir), "--inputs"]
+    args += [clipart_shards[0], "--out", str(tmp_path / "out"), "--batch-size", "0"]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        "m3ae embed: error: --batch-size must be an integer >= 1, got 0"
+    )
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ refused opcodes and dtypes, round trips) are in test_safe_pickle.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import re
 from pathlib import Path
@@ -267,3 +268,118 @@ def test_heads_fall_back_to_the_original_size_table() -> None:
         infer_config(_shapes_only(96, 2, 64, 1, 8), {})
     with pytest.raises(ValueError, match="patch"):
         infer_config(base, {"patch_size": 14})
+
+
+# ------------------------------------------- bad files and flags: one line naming the file
+def _release_like(tmp_path: Path, variant: dict, name: str = "ref.pkl") -> Path:
+    """The release fixture's tensors in a pickled TrainState, with these flags."""
+    flat = npz_params(RELEASE_PARAMS)
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    ckpt = {"step": 3, "variant": variant, "state": TrainState(3, FrozenDict({"params": tree}))}
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps(ckpt, protocol=4))
+    return path
+
+
+def _cli(capsys, *args) -> tuple[int, list[str]]:
+    from m3ae.cli import main
+
+    code = main(["import-reference", *map(str, args)])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_refused_pickles_are_one_line_cli_errors(tmp_path: Path, capsys) -> None:
+    ext = tmp_path / "ext.pkl"
+    ext.write_bytes(b"\x80\x02}q\x00X\x05\x00\x00\x00stateq\x01\x82\x07s.")  # {"state": EXT1 7}
+    objects = tmp_path / "objects.pkl"
+    tree = {"cls_token": np.array([None], dtype=object), "encoder": {}}
+    objects.write_bytes(pickle.dumps({"state": {"params": {"params": tree}}}, protocol=2))
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(RELEASE_PKL.read_bytes()[:5000])
+    cases = {
+        ext: "opcode EXT1 at byte 17 is refused: copyreg extension codes",
+        objects: "numpy dtype 'O8' is refused (an object array)",
+        truncated: "not a well-formed pickle (",
+    }
+    for path, detail in cases.items():
+        with pytest.raises(ValueError) as caught:
+            read_reference(path)
+        assert str(caught.value).startswith(f"{path}: {detail}"), str(caught.value)
+        code, err = _cli(capsys, path, tmp_path / "out")
+        assert code == 2 and err == [f"m3ae import-reference: error: {caught.value}"]
+        assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
+
+
+def test_object_arrays_and_bad_meta_in_npz_are_refused(tmp_path: Path) -> None:
+    flat = npz_params(TINY_NPZ)
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, **{"param/cls_token": np.array([None, 1], dtype=object)})
+    with pytest.raises(ValueError) as caught:
+        read_reference(objects)
+    assert str(caught.value) == (
+        f"{objects}: array 'param/cls_token' is refused: an object array (dtype=object) is never "
+        "unpickled; only numeric arrays are read"
+    )
+    meta = tmp_path / "meta.npz"
+    np.savez(meta, **{f"param/{k}": v for k, v in flat.items()}, **{"meta/config": ["{oops"]})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(meta))}: meta/config is not one JSON"):
+        read_reference(meta)
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(broken))}: not a readable \.npz"):
+        read_reference(broken)
+
+
+@pytest.mark.parametrize(
+    "variant,message",
+    [
+        ({"m3ae.num_heads": "twelve", "m3ae.dec_num_heads": 2},
+         "flag m3ae.num_heads='twelve' is not an integer; pass --num-heads"),
+        ({"m3ae.num_heads": 4, "m3ae.dec_num_heads": 2.5},
+         "flag m3ae.dec_num_heads=2.5 is not an integer; pass --dec-num-heads"),
+        ({"m3ae.num_heads": [4], "m3ae.dec_num_heads": 2},
+         "flag m3ae.num_heads=[4] is not an integer; pass --num-heads"),
+        ({"m3ae.num_heads": 5, "m3ae.dec_num_heads": 2},
+         "flag m3ae.num_heads=5 cannot split width 32 into heads (expected a positive divisor "
+         "of 32); pass --num-heads"),
+        ({"m3ae.num_heads": 4, "m3ae.dec_num_heads": 2, "patch_size": "eight"},
+         "flag patch_size='eight' is not a positive integer"),
+        ({"m3ae.num_heads": 4, "m3ae.dec_num_heads": 2, "image_size": -256},
+         "flag image_size=-256 is not a positive integer"),
+        ({"m3ae.num_heads": 4, "m3ae.dec_num_heads": 2, "m3ae.image_mask_ratio": "most"},
+         "flag m3ae.image_mask_ratio='most' is not a number in [0, 1)"),
+        ({"m3ae.num_heads": 4, "m3ae.dec_num_heads": 2, "m3ae.text_loss_weight": -1},
+         "flag m3ae.text_loss_weight=-1 is not a number >= 0"),
+    ],
+)  # fmt: skip
+def test_malformed_flags_name_the_file_flag_and_value(tmp_path: Path, variant, message) -> None:
+    path = _release_like(tmp_path, variant)
+    flat, meta = read_reference(path)
+    with pytest.raises(ValueError) as caught:
+        infer_config(flat, meta)
+    assert str(caught.value) == f"{path}: {message}"
+
+
+def test_non_numeric_head_count_via_cli_and_its_override(tmp_path: Path, capsys) -> None:
+    path = _release_like(tmp_path, {"m3ae.num_heads": "twelve", "m3ae.dec_num_heads": "2"})
+    code, err = _cli(capsys, path, tmp_path / "a")
+    assert code == 2
+    assert err == [
+        f"m3ae import-reference: error: {path}: flag m3ae.num_heads='twelve' is not an "
+        "integer; pass --num-heads"
+    ]
+    code, err = _cli(capsys, path, tmp_path / "b", "--num-heads", "4")  # the override wins
+    assert code == 0 and err == []
+    config = json.loads((tmp_path / "b" / "config.json").read_text())["model"]
+    assert (config["num_heads"], config["dec_num_heads"]) == (4, 2)  # "2": a number as text
+    code, err = _cli(capsys, path, tmp_path / "c", "--num-heads", "3")
+    assert code == 2 and err == [
+        f"m3ae import-reference: error: {path}: override num_heads=3 (--num-heads) cannot split "
+        "width 32 into attention heads: expected a positive divisor"
+    ]

@@ -120,3 +120,84 @@ def test_python2_numpy_pickle_with_latin1() -> None:
     assert want.dtype == np.uint8 and want.tolist() == [255, 0, 128]
     got = safe_load_pickle(io.BytesIO(data), encoding="latin1")
     assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+# ------------------------------------------------------ refusals: one line, naming the file
+def _refusal(path: Path) -> str:
+    with pytest.raises(UnsafePickleError) as caught:
+        safe_load_pickle(path)
+    assert isinstance(caught.value, ValueError)  # the CLI reports it as a bad input file
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path}: ")
+    return message[len(f"{path}: ") :]
+
+
+@pytest.mark.parametrize(
+    "opcode,data",
+    [
+        ("EXT1", b"\x80\x02\x82\x01."),
+        ("EXT2", b"\x80\x02\x83\x01\x02."),
+        ("EXT4", b"\x80\x02\x84\x01\x02\x03\x04."),
+        ("EXT1", b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01\x82\x07s."),  # {"a": EXT1 7}
+    ],
+)
+def test_extension_opcodes_are_refused_in_one_line(tmp_path: Path, opcode: str, data) -> None:
+    path = tmp_path / "ext.pkl"
+    path.write_bytes(data)
+    message = _refusal(path)
+    assert message.startswith(f"opcode {opcode} at byte ") and "is refused" in message
+
+
+def test_extension_registry_payload_is_refused(tmp_path: Path) -> None:
+    # With copyreg's registry holding os.system, plain pickle writes and loads it as EXT2:
+    # a file can then name a callable without any GLOBAL opcode.
+    import copyreg
+
+    module = os.system.__module__  # "posix" on Linux
+    copyreg.add_extension(module, "system", 0x1F0)
+    try:
+        data = pickle.dumps(os.system, protocol=2)
+        assert pickle.loads(data) is os.system
+    finally:
+        copyreg.remove_extension(module, "system", 0x1F0)
+    assert b"\x83\xf0\x01" in data
+    path = tmp_path / "registry.pkl"
+    path.write_bytes(data)
+    assert _refusal(path).startswith("opcode EXT2 at byte 2 is refused: copyreg extension")
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_object_arrays_are_refused_in_one_line(tmp_path: Path, protocol: int) -> None:
+    path = tmp_path / "object.pkl"
+    tree = {"params": {"cls_token": np.array([np.zeros(3), "x", None], dtype=object)}}
+    path.write_bytes(pickle.dumps(tree, protocol=protocol))
+    message = _refusal(path)
+    assert message == (
+        "numpy dtype 'O8' is refused (an object array): only bool, int, uint, float and complex "
+        "arrays are read"
+    )
+
+
+@pytest.mark.parametrize(
+    "data,detail",
+    [
+        (
+            pickle.dumps({"w": np.zeros(4)}, protocol=2)[:-12],
+            "not a well-formed pickle (ValueError",
+        ),
+        (b"\x80\x02\xff.", "opcode b'\\xff' unknown"),
+        (b"", "pickle exhausted before seeing STOP"),
+        (b"\x80\x02t.", "not a well-formed pickle (UnpicklingError: could not find MARK)"),
+        (b"cnumpy\ndtype\n(Vz9\ntR.", "numpy dtype 'z9' is refused (not numeric)"),
+        (b"ccollections\nOrderedDict\n(I1\ntR.", "OrderedDict(int) is refused"),
+    ],
+)
+def test_malformed_pickles_are_one_line_errors(tmp_path: Path, data: bytes, detail: str) -> None:
+    path = tmp_path / "odd.pkl"
+    path.write_bytes(data)
+    assert detail in _refusal(path)
+
+
+def test_file_objects_are_refused_without_a_name() -> None:
+    with pytest.raises(ValueError, match=r"^opcode EXT1 at byte 2 is refused"):
+        safe_load_pickle(io.BytesIO(b"\x80\x02\x82\x01."))

@@ -208,7 +208,7 @@ def test_mnist_refuses_other_globals(tmp_path, capsys):
     assert not marker.exists()
     obj = tmp_path / "object.pkl.gz"
     obj.write_bytes(gzip.compress(pickle.dumps(np.array([None, 1], dtype=object), protocol=4)))
-    with pytest.raises(ValueError, match="dtype .* not allowed"):
+    with pytest.raises(ValueError, match="dtype .* is refused"):
         load_mnist("train", path=obj)
 
 
