@@ -16,6 +16,20 @@ from typing import Any
 import jax
 
 
+def rows_until(lines: list[str], step: int) -> list[str]:
+    """The JSONL rows of steps <= `step`: a resumed run replays the steps after its checkpoint,
+    whose rows are written again (a torn last line of a killed run is dropped too)."""
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            kept.append(line)
+    return kept
+
+
 def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Nested dicts -> `a/b/c` scalars (for TensorBoard and wandb)."""
     out: dict[str, float] = {}
@@ -36,12 +50,15 @@ class MetricsLogger:
         wandb_project: str = "",
         config: dict[str, Any] | None = None,
         resume: bool = False,
+        start_step: int = 0,
     ):
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         self._file = self._tb = self._wandb = None
         if not self.enabled:
             return
+        if resume:
+            self._keep_until(start_step)
         self._file = self.path.open("a" if resume else "w")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -58,6 +75,14 @@ class MetricsLogger:
             self._wandb = wandb.init(
                 project=wandb_project, config=config, dir=str(workdir), resume="allow"
             )
+
+    def _keep_until(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = rows_until(self.path.read_text().splitlines(), step)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

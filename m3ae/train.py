@@ -129,6 +129,7 @@ def train(
         config.logging.wandb_project,
         config_dict,
         resume=start_step > 0,
+        start_step=start_step,
     )
     bar = tqdm(
         total=total_steps,
@@ -225,6 +226,9 @@ def train(
     crossmodal = {k[len(prefix) :]: v for k, v in last_eval.items() if k.startswith(prefix)}
     if is_main and crossmodal:
         print(describe_crossmodal(crossmodal))
+    done = workdir_path / "summary.json"
+    if step == start_step and done.is_file():  # a rerun of a finished run: keep its figures
+        return json.loads(done.read_text())
     if is_main:
-        (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        done.write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from pipelines.images import MAX_PIXELS, ImageError, decode_image
 from pipelines.sources import (
     FASHION_MNIST_CLASSES,
     OPENCLIPART_ROOT,
@@ -172,10 +173,11 @@ def _pick(row: dict[str, Any], names: Sequence[str]) -> Any:
 
 
 def _load_image(path: Path, size: int | None) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()  # decode now, inside the worker, so corrupt files fail here
-        # Phone photos are stored sideways with an EXIF rotation tag.
-        return fit_on_white(ImageOps.exif_transpose(im), size)
+    """The loader's own decoding (`pipelines.images.decode_image`: 16-bit and float greys scaled,
+    palettes, CMYK, EXIF rotation, transparency on white, and the same pixel limit), so the
+    writer keeps exactly what training can read; decoded now, in the worker, so a corrupt file
+    fails here."""
+    return fit_on_white(decode_image(path.read_bytes(), MAX_PIXELS, str(path)), size)
 
 
 def folder_records(
@@ -245,9 +247,8 @@ def folder_records(
                 if isinstance(rec, Skip):
                     yield rec
                 elif error is not None:
-                    yield Skip(
-                        key, "unreadable_image", f"{rec.url}: {type(error).__name__}: {error}"
-                    )
+                    reason = error.reason if isinstance(error, ImageError) else "unreadable_image"
+                    yield Skip(key, reason, f"{rec.url}: {type(error).__name__}: {error}")
                 else:
                     yield dataclasses.replace(rec, image=image)
         finally:

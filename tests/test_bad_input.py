@@ -10,6 +10,7 @@ in test_embed.py, unsafe pickles in test_safe_pickle.py and test_reference_impor
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -211,3 +212,15 @@ def test_compressed_shards_in_a_directory_are_read(clipart_shards, tmp_path):
     per_shard = {Path(s).name: v["used"] for s, v in loader.stats.shards.items()}
     n = len(shard_keys(clipart_shards[0]))
     assert rows == 3 * n and per_shard == {"a.tar.gz": n, "b.tgz": n, "c.tar": n}
+
+
+def test_a_resumed_run_replaces_the_metrics_rows_of_replayed_steps(tmp_path):
+    from m3ae.metrics import MetricsLogger
+
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 5, "lo')  # torn
+    logger = MetricsLogger(tmp_path, tensorboard=False, resume=True, start_step=2)
+    logger.write(3, {"loss": 0.5})
+    logger.close()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

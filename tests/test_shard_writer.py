@@ -213,14 +213,15 @@ def test_folder_skips_with_reasons(tmp_path, fmt):
             f.write("{not json\n")
     out = tmp_path / "out"
     summary = write_shards(folder_records(images, captions, workers=2), out, progress=False)
-    reasons = {"missing_file": 1, "unreadable_image": 1, "empty_caption": 1}
+    # The loader's own skip reasons: the writer decodes as training does.
+    reasons = {"missing_file": 1, "truncated": 1, "empty_caption": 1}
     if fmt == "jsonl":
         reasons["bad_row"] = 1
     assert summary["skipped_by_reason"] == dict(sorted(reasons.items()))
     assert summary["written"] == 2
     assert summary["attempted"] == len(ROWS) + (fmt == "jsonl")
     skipped = {e["key"]: e["reason"] for e in summary["shard_stats"][0]["skipped_examples"]}
-    assert skipped["missing"] == "missing_file" and skipped["corrupt"] == "unreadable_image"
+    assert skipped["missing"] == "missing_file" and skipped["corrupt"] == "truncated"
     assert skipped["grey"] == "empty_caption"
     assert json.loads((out / "classes.json").read_text()) == ["photo", "shape"]
     ((_, _, files),) = _read(out)
@@ -331,6 +332,28 @@ def test_cli_fails_when_every_entry_is_skipped(tmp_path, capsys):
     assert m3ae_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing written to" in err[0], err
-    assert "1 missing_file" in err[0] and "1 unreadable_image" in err[0]
+    assert "1 missing_file" in err[0] and "1 truncated" in err[0]
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["written"] == 0 and stats["skipped"] == 2
+
+
+def test_folder_writer_decodes_as_the_loader_does(tmp_path):
+    """16-bit greys are scaled (not whitened), and an image over the loader's pixel limit is
+    skipped as `too_large` by the writer too, instead of written and then never read."""
+    from pipelines.images import MAX_PIXELS, decode_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    gradient = np.tile(np.linspace(20000, 45000, 64).astype(np.uint16), (64, 1))  # mid grey
+    Image.fromarray(gradient).save(images / "deep.png")
+    side = int(MAX_PIXELS**0.5) + 100
+    Image.new("L", (side, side), 200).save(images / "huge.png")
+    captions = tmp_path / "captions.csv"
+    captions.write_text("filename,caption\ndeep.png,a grey ramp\nhuge.png,too big\n")
+    out = tmp_path / "out"
+    summary = write_shards(folder_records(images, captions, workers=1), out, progress=False)
+    assert summary["written"] == 1 and summary["skipped_by_reason"] == {"too_large": 1}
+    ((_, _, files),) = _read(out)
+    written = np.asarray(Image.open(io.BytesIO(files["deep.jpg"])).convert("L"), np.float64)
+    expected = np.asarray(decode_image((images / "deep.png").read_bytes()).convert("L"))
+    assert abs(written.mean() - 128) < 10 and abs(written.mean() - expected.mean()) < 2
