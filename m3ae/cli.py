@@ -52,9 +52,9 @@ def _import_reference(args: argparse.Namespace) -> int:
     from m3ae.reference_import import infer_config, read_reference, summarize, to_m3ae_params
 
     overrides = {}
-    if args.num_heads:
+    if args.num_heads is not None:
         overrides["num_heads"] = args.num_heads
-    if args.dec_num_heads:
+    if args.dec_num_heads is not None:
         overrides["dec_num_heads"] = args.dec_num_heads
     flat, meta = read_reference(args.src)
     params = to_m3ae_params(flat)

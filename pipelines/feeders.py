@@ -271,6 +271,12 @@ class RayFeederPool(_RoundRobin):
             except lost as e:
                 self._restart(k, e)
                 continue
+            except ray.exceptions.RayTaskError as e:
+                # The loader itself raised (bad data, e.g. `NoUsableSamples`): a restart would
+                # raise again, so hand the original one-line error on, not the remote traceback.
+                if isinstance(e.cause, ValueError | FileNotFoundError):
+                    raise e.cause from None
+                raise
             except ray.exceptions.GetTimeoutError as e:
                 # An actor Ray cannot place (not enough free CPUs) waits forever otherwise.
                 raise RuntimeError(

@@ -164,3 +164,33 @@ def test_build_loaders_picks_the_feeder(clipart_shards, monkeypatch):
     with pytest.raises(RuntimeError, match="ray.init") as e:
         build_loaders(data, 8, 0, 1, seed=0)
     assert str(e.value) == RAY_NOT_INITIALIZED
+
+
+@pytest.mark.timeout(180)
+def test_a_feeder_without_usable_samples_gives_the_loaders_one_line(tmp_path, local_ray):
+    """Bad data in a feeder actor is the loader's own error, not a restart loop or a traceback."""
+    import io
+    import tarfile
+
+    from pipelines.loader import NoUsableSamples
+
+    shards = []
+    for s in range(2):
+        path = tmp_path / f"captions-{s}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(10):
+                data = f"words only {s} {i}".encode()
+                info = tarfile.TarInfo(f"{s}-{i:03d}.txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        shards.append(str(path))
+    feeders = pool(shards, source="data.paired.urls")
+    try:
+        with pytest.raises(NoUsableSamples) as caught:
+            next(iter(feeders))
+        message = str(caught.value)
+        assert message.startswith("data.paired.urls: no usable paired sample")
+        assert "\n" not in message
+        assert feeders.restarts == [0, 0]
+    finally:
+        feeders.close()
