@@ -204,16 +204,22 @@ class TrainState:
     params: object
 
 
-@pytest.mark.parametrize("wrap", [FrozenDict, SlotFrozenDict])
-def test_train_state_with_frozen_dicts(tmp_path: Path, wrap) -> None:
-    flat = npz_params(RELEASE_PARAMS)
+def release_tree() -> dict:
+    """The release fixture's tensors as the nested dict of parameters a TrainState holds."""
     tree: dict = {}
-    for key, value in flat.items():
+    for key, value in npz_params(RELEASE_PARAMS).items():
         *parents, leaf = key.split("/")
         node = tree
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    return tree
+
+
+@pytest.mark.parametrize("wrap", [FrozenDict, SlotFrozenDict])
+def test_train_state_with_frozen_dicts(tmp_path: Path, wrap) -> None:
+    flat = npz_params(RELEASE_PARAMS)
+    tree = release_tree()
     ckpt = {"step": np.int64(7), "variant": {"m3ae.num_heads": 4, "m3ae.dec_num_heads": 2}}
     ckpt["state"] = TrainState(step=7, params=wrap({"params": wrap(tree)}))
     path = tmp_path / "ckpt.pkl"
@@ -273,14 +279,7 @@ def test_heads_fall_back_to_the_original_size_table() -> None:
 # ------------------------------------------- bad files and flags: one line naming the file
 def _release_like(tmp_path: Path, variant: dict, name: str = "ref.pkl") -> Path:
     """The release fixture's tensors in a pickled TrainState, with these flags."""
-    flat = npz_params(RELEASE_PARAMS)
-    tree: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+    tree = release_tree()
     ckpt = {"step": 3, "variant": variant, "state": TrainState(3, FrozenDict({"params": tree}))}
     path = tmp_path / name
     path.write_bytes(pickle.dumps(ckpt, protocol=4))
