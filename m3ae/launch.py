@@ -5,8 +5,8 @@
     ray job submit --address http://127.0.0.1:8265 -- m3ae launch --config ... --hosts 2
 
 With `--address` (or `RAY_ADDRESS`) the launcher joins that cluster; otherwise it starts an
-embedded Ray on this machine (explicit CPUs, a bounded object store, no dashboard, bound to
-127.0.0.1). A placement group spreads the host actors over nodes (each asks for its CPUs, and
+embedded Ray on this machine (explicit CPUs, a bounded object store, no dashboard, listening on
+127.0.0.1 only). A placement group spreads the host actors over nodes (each asks for its CPUs, and
 its GPUs or TPU chips); host 0 picks the `jax.distributed` coordinator address, every actor
 calls `jax.distributed.initialize` and then `train()`. JAX is imported only inside the actors,
 so the driver never touches an accelerator. If a host actor dies (node loss, preemption), all
@@ -35,12 +35,15 @@ class HostActor:
     """One JAX process. Created through `ray.remote` by `launch` (so Ray stays lazy here)."""
 
     def coordinator(self) -> str:
+        """`ip:port` for the `jax.distributed` service, on this node's Ray address (loopback
+        when the job is local). The service binds that address only, never every interface."""
         import ray
 
         ip = ray.util.get_node_ip_address()
-        with socket.socket() as s:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
             s.bind((ip, 0))
-            return f"{ip}:{s.getsockname()[1]}"
+            host = f"[{ip}]" if ":" in ip else ip
+            return f"{host}:{s.getsockname()[1]}"
 
     def run(
         self,
@@ -65,7 +68,12 @@ class HostActor:
         if hosts > 1:
             if accelerator == "cpu":
                 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-            jax.distributed.initialize(coordinator, num_processes=hosts, process_id=index)
+            jax.distributed.initialize(
+                coordinator,
+                num_processes=hosts,
+                process_id=index,
+                coordinator_bind_address=coordinator,  # JAX's default is every interface
+            )
         from m3ae.config import load_config
         from m3ae.train import train
 
@@ -81,13 +89,50 @@ def _init_ray(address: str | None, local_cpus: int | None, object_store_mb: int)
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(
-        num_cpus=local_cpus or os.cpu_count() or 1,
-        object_store_memory=object_store_mb * 1024**2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-    )
+    start_local_ray(local_cpus or os.cpu_count() or 1, object_store_mb)
+
+
+# Ray replaces a node address of 127.0.0.1 by the machine's external address unless it runs
+# as a single-machine Ray (this switch); its servers then bind the node address.
+_SINGLE_MACHINE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def start_local_ray(num_cpus: int, object_store_mb: int, **options: Any) -> None:
+    """Start an embedded Ray on this machine that listens on 127.0.0.1 only: no dashboard, a
+    bounded object store, explicit CPUs. Its own processes (GCS, raylet, agents, workers) and
+    the driver's gRPC server all bind loopback; a job that needs other machines joins a
+    cluster with `ray.init(address=...)` instead."""
+    import ray
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(_SINGLE_MACHINE_SWITCH)
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_MACHINE_SWITCH] = "0"  # for the processes ray.init starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # for this process, if Ray was imported before
+    try:
+        ray.init(
+            num_cpus=num_cpus,
+            object_store_memory=object_store_mb * 1024**2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            **{"log_to_driver": True, **options},
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(_SINGLE_MACHINE_SWITCH, None)
+        else:
+            os.environ[_SINGLE_MACHINE_SWITCH] = saved_env
+    ip = ray.util.get_node_ip_address()
+    if ip not in LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"the embedded Ray took the address {ip}, not 127.0.0.1")
+
+
+def _note(log: Path, message: str) -> None:
+    with log.open("a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 
 def _bundle(accelerator: str, cpus: float, chips: int) -> dict[str, float]:
@@ -173,6 +218,7 @@ def launch(
                 for i in range(hosts)
             ]
             coordinator = ray.get(actors[0].coordinator.remote())
+            _note(log, f"{hosts} host(s), jax.distributed coordinator {coordinator}")
             runs = [
                 actor.run.remote(
                     spec,
@@ -206,8 +252,7 @@ def launch(
                 progress.close()
                 failures += 1
                 message = f"host actor lost ({type(e).__name__}); restart {failures}/{max_failures}"
-                with log.open("a") as f:
-                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+                _note(log, message)
                 print(f"m3ae launch: {message}", flush=True)
                 if failures > max_failures:
                     raise RuntimeError(

@@ -167,13 +167,9 @@ def test_folder_and_file_list_skip_corrupt_images(model_dir, clipart_shards, tmp
 def test_ray_actor_pool_matches_plain_loop(embedded, model_dir, clipart_shards, tmp_path):
     ray = pytest.importorskip("ray")
     src, _ = embedded
-    ray.init(
-        address="local",  # a fresh instance, never a cluster some other test started
-        num_cpus=2,
-        object_store_memory=100 * 1024**2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-    )
+    from m3ae.launch import start_local_ray
+
+    start_local_ray(2, 100, address="local")  # a fresh instance, never another test's cluster
     try:
         summary = embed(model_dir, clipart_shards[:2], tmp_path, actors=2, **FAST)
     finally:

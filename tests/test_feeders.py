@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from configs.m3ae_pretrain import get_config
+from m3ae.launch import start_local_ray
 from pipelines.feeders import RAY_NOT_INITIALIZED, RayFeederPool, SplitLoader
 from pipelines.loader import Loader
 from pipelines.mix import build_loaders
@@ -20,13 +21,7 @@ N = 14  # batches per run: 96 samples / 8 = 12 per epoch, so runs cross an epoch
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(
-        num_cpus=2,
-        object_store_memory=100 * 1024**2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-    )
+    start_local_ray(2, 100, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -5,17 +5,23 @@ Every test starts and stops its own Ray cluster (small object store, bound to 12
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -74,31 +80,73 @@ class TwoHostsInOneProcess:
             yield Batches(merged, {n: b.state for n, b in merged.items()})
 
 
-def test_two_host_job_matches_one_process(clipart_shards, tmp_path, no_ray_left):
+def listening(root: int, seen: dict) -> None:
+    """Record (pid, name, address, port) of every listening socket of `root` and its children."""
+    try:
+        tree = psutil.Process(root)
+        pids = {root, *(c.pid for c in tree.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            try:
+                name = psutil.Process(c.pid).name()
+            except psutil.NoSuchProcess:
+                name = "?"
+            seen[(c.pid, c.laddr.ip, c.laddr.port)] = name
+
+
+@pytest.mark.timeout(600)
+def test_two_host_job_matches_one_process_and_listens_on_loopback_only(clipart_shards, tmp_path):
+    """`m3ae launch` as a user runs it: an embedded Ray and a two-process JAX job. Every socket
+    any of its processes listens on (Ray's GCS, raylet, agents, workers, the driver, the
+    `jax.distributed` coordinator) is on 127.0.0.1; the losses equal one process's."""
     from m3ae.train import train
 
     args = overrides(clipart_shards)
-    summary = launch(
-        "m3ae_pretrain:local",
-        args,
-        str(tmp_path / "job"),
-        hosts=2,
-        local_cpus=2,
-        object_store_mb=100,
-    )
-    assert summary["steps"] == 4 and summary["restarts"] == 0
-    assert sorted(p.name for p in (tmp_path / "job" / "hosts").iterdir()) == [
-        "host_0.pid",
-        "host_1.pid",
-    ]
+    job = tmp_path / "job"
+    command = [sys.executable, "-m", "m3ae.cli", "launch", "--config", "m3ae_pretrain:local"]
+    command += ["--workdir", str(job), "--hosts", "2", "--local-cpus", "2"]
+    command += ["--object-store-mb", "100", *[x for a in args for x in ("--set", a)]]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the launcher must not rely on it
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen: dict = {}
+    try:
+        deadline = time.time() + 540
+        while proc.poll() is None and time.time() < deadline:
+            listening(proc.pid, seen)
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    coordinator = re.search(r"coordinator (\S+):(\d+)", (job / "launch.log").read_text())
+    host_0 = int((job / "hosts" / "host_0.pid").read_text())
+    outside = {k: v for k, v in seen.items() if k[1] not in ("127.0.0.1", "::ffff:127.0.0.1")}
+    assert not outside, f"listening beyond loopback: {outside}"
+    assert {name for name in seen.values()} >= {"gcs_server", "raylet"}, seen
+    assert coordinator and coordinator[1] == "127.0.0.1"
+    assert (host_0, "127.0.0.1", int(coordinator[2])) in seen or (
+        host_0,
+        "::ffff:127.0.0.1",
+        int(coordinator[2]),
+    ) in seen, f"the coordinator socket was never seen: {seen}"
+
+    assert sorted(p.name for p in (job / "hosts").iterdir()) == ["host_0.pid", "host_1.pid"]
     config = load_config("m3ae_pretrain:local", args)
     # The job learnt its caption vocabulary (deterministic) into its workdir: batch with it.
-    config.data.tokenizer = str(tmp_path / "job" / "tokenizer")
+    config.data.tokenizer = str(job / "tokenizer")
     train(config, str(tmp_path / "reference"), batches=TwoHostsInOneProcess(config))
-    job, reference = losses(tmp_path / "job"), losses(tmp_path / "reference")
-    assert sorted(job) == sorted(reference) == [1, 2, 3, 4]
+    job_losses, reference = losses(job), losses(tmp_path / "reference")
+    assert sorted(job_losses) == sorted(reference) == [1, 2, 3, 4]
     # Same global batches and masks; gloo's all-reduce sums in another order than one device.
-    np.testing.assert_allclose([job[s] for s in job], [reference[s] for s in job], rtol=2e-4)
+    np.testing.assert_allclose(
+        [job_losses[s] for s in job_losses], [reference[s] for s in job_losses], rtol=2e-4
+    )
 
 
 def test_lost_host_restarts_from_checkpoint(clipart_shards, tmp_path, no_ray_left):
@@ -146,11 +194,16 @@ def test_ray_job_submit(clipart_shards, tmp_path):
 
     bin_dir = Path(sys.executable).parent
     gcs, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    # The cluster's own token (token auth, as Ray 2.60 starts a cluster): its processes and the
+    # job inherit it; this client sends it.
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    temp = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths sit in it
     start = [
         str(bin_dir / "ray"),
         "start",
         "--head",
+        f"--temp-dir={temp}",
         "--node-ip-address=127.0.0.1",
         f"--port={gcs}",
         "--num-cpus=2",
@@ -162,7 +215,9 @@ def test_ray_job_submit(clipart_shards, tmp_path):
     ]
     subprocess.run(start, check=True, capture_output=True, env=env, timeout=180)
     try:
-        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+        client = JobSubmissionClient(
+            f"http://127.0.0.1:{dashboard}", headers={"Authorization": f"Bearer {token}"}
+        )
         workdir = tmp_path / "job"
         entry = " ".join(
             [
@@ -184,6 +239,17 @@ def test_ray_job_submit(clipart_shards, tmp_path):
         assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-4000:]
         assert sorted(losses(workdir)) == [1, 2, 3, 4]
     finally:
-        subprocess.run(
-            [str(bin_dir / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120
-        )
+        stop_processes_of(temp)  # this cluster only: never `ray stop`, which stops every one
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_processes_of(temp: str) -> None:
+    """SIGKILL every process whose command line names the cluster's temp dir (GCS, raylet,
+    agents, workers, the job's driver), then wait for them to go."""
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp in arg for arg in p.info["cmdline"] or ()):
+            procs.append(p)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    psutil.wait_procs(procs, timeout=30)
