@@ -1,7 +1,7 @@
 # The two commands of the README, plus helpers. Each target installs what it needs first.
 VENV := .venv/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -29,13 +29,22 @@ data/openclipart-64-all/stats.json:
 	$(VENV)/m3ae shards --source openclipart --size 64 --samples-per-shard 400 \
 		--shuffle-seed 0 --overwrite --out data/openclipart-64-all
 
-# Lint, format check and the whole test suite (CPU, offline).
+# Lint, format check, the import contracts and the whole test suite (CPU, offline): the CI command.
 test: setup lint
 	$(VENV)/pytest -q
 
+# The fast subset, about 2 minutes on 2 cores: every test not marked slow, ray or multiprocess
+# (the marker table is in tests/conftest.py). It covers every package; `make test` is the gate.
+FAST := not slow and not ray and not multiprocess
+
+test-fast: setup
+	$(VENV)/pytest -q -m "$(FAST)"
+
+# ruff, then the dependency rules of pyproject.toml ([tool.importlinter]: layers, no cycles).
 lint: setup
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
+	$(VENV)/lint-imports --no-cache --no-logo
 
 bench: setup
 	$(VENV)/python benchmarks/model_step.py --out benchmarks/results/model_step.json

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m3ae.embed import embed
-from m3ae.embedder import Embedder, Partition, Settings
+from m3ae.evaluate.embed import embed
+from m3ae.evaluate.embed_worker import Embedder, Partition, Settings
 from m3ae.model import M3AE, model_config
 from m3ae.pretrained import save_pretrained
 from pipelines.images import CC12M_MEAN, CC12M_STD

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/lm_step.py --out benchmarks/results/lm_step.json
     .venv/bin/python benchmarks/lm_step.py --size base --seq-len 1024 --batch 8   # a GPU
 
-Every variant is the trainer's real jitted step (`m3ae.step.make_train_step` over the LM task:
+Every variant is the trainer's real jitted step (`m3ae.trainer.step.make_train_step`, LM task:
 forward, backward, AdamW, the non-finite guard) on the same real packed Shakespeare rows
 (GPT-2 BPE, `pipelines.text.TextLoader`). FCM only builds a different boolean mask, so its goal
 is a step time within 3% of plain causal; T-FCM runs a sequence twice as long and is reported for
@@ -29,11 +29,11 @@ import jax
 import numpy as np
 
 from m3ae.config import load_config
-from m3ae.flops import measure_matmul_peak
-from m3ae.optim import make_optimizer
-from m3ae.sharding import global_batch, make_mesh
-from m3ae.step import init_state, make_train_step
-from m3ae.tasks import make_task
+from m3ae.trainer.metrics import measure_matmul_peak
+from m3ae.trainer.optim import make_optimizer
+from m3ae.trainer.sharding import global_batch, make_mesh
+from m3ae.trainer.step import init_state, make_train_step
+from m3ae.trainer.task import make_task
 
 VARIANTS = {
     "causal": "nofcm",

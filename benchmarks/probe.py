@@ -12,7 +12,7 @@ Feature sets (Fashion-MNIST, a seeded `--train` / `--test` subset of its train /
   random-init `--size` model (default `small`, 384-dim features) is saved to a temp dir.
 * `fmnist-pixels`: the raw 784 pixel values.
 
-Per feature set, every evaluator runs twice through `m3ae.probe.run_probe`: the first run
+Per feature set, every evaluator runs twice through `m3ae.evaluate.probe.run_probe`: the first run
 includes JIT compilation, the second is warm. scikit-learn (`lbfgs`, its default tol) tunes C
 over our weight-decay grid (C = 1 / (wd * n)) on the very same stratified 20% held-out split
 (`stratified_split`, seed 0, ties to the stronger decay), then refits on all of train, on the
@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3ae.encode import Encoder, Features
+from m3ae.evaluate.probe import classification_metrics, run_probe
+from m3ae.evaluate.probe_fit import LOGISTIC_WEIGHT_DECAYS, standardize, stratified_split
 from m3ae.model import M3AE, model_config
 from m3ae.pretrained import load_pretrained, save_pretrained
-from m3ae.probe import classification_metrics, run_probe
-from m3ae.probe_eval import LOGISTIC_WEIGHT_DECAYS, standardize, stratified_split
-from m3ae.step import normalize
 from pipelines.images import CC12M_MEAN, CC12M_STD
 from pipelines.sources import load_fashion_mnist
 
@@ -83,17 +83,13 @@ def cls_features(model_dir: Path, images: np.ndarray, batch: int = 250) -> tuple
     lo = (size - 28) // 2
     pad = ((0, 0), (lo, size - 28 - lo), (lo, size - 28 - lo))
 
-    @jax.jit
-    def encode(grey: jax.Array) -> jax.Array:
-        rgb = jnp.repeat(grey[..., None], 3, axis=-1)  # (B, S, S, 3)
-        x = normalize(rgb, CC12M_MEAN, CC12M_STD)
-        return model.apply({"params": params}, x, method=M3AE.encode_image)  # (B, D)
-
+    encoder = Encoder(model, CC12M_MEAN, CC12M_STD)  # the one encode path (m3ae/encode.py)
     start = time.perf_counter()
-    padded = np.pad(images, pad)  # (N, S, S)
-    feats = [np.asarray(encode(padded[i : i + batch])) for i in range(0, len(padded), batch)]
+    grey = np.pad(images, pad)  # (N, S, S)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)  # (N, S, S, 3) uint8
+    feats = encoder(encoder.place(params), {"image": rgb}, Features(("image",)), batch)["image"]
     info = {"image_size": size, "extract_s": round(time.perf_counter() - start, 2)}
-    return np.concatenate(feats).astype(np.float32), info
+    return np.asarray(feats, np.float32), info
 
 
 def sklearn_logistic(

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train.py --out benchmarks/results/train.json
     # --variants tiny-f32,tiny-ckpt1-async   (default: all of VARIANTS below)
 
-Each variant runs `m3ae.train.train()` on real openclipart shards (JPEGs written by `write_shards`,
+Each variant runs `m3ae.trainer.train.train()` on real openclipart shards (JPEGs by `write_shards`,
 built once into benchmarks/.data/train-shards-<px>px/ and reused) in a fresh subprocess, so
 `ru_maxrss` is that variant's own peak. Figures come from the run's `metrics.jsonl` minus its
 first logged window (compilation): step time = batch / samples_per_s per window, median over
@@ -101,10 +101,10 @@ def child(name: str, shards: str, workdir: str) -> dict[str, Any]:
     """Run one variant's `train()` in this process and summarise its metrics.jsonl."""
     import jax
 
-    from m3ae.checkpoint import Checkpoints
     from m3ae.config import load_config
-    from m3ae.flops import measure_matmul_peak
-    from m3ae.train import train
+    from m3ae.trainer.checkpoint import Checkpoints
+    from m3ae.trainer.metrics import measure_matmul_peak
+    from m3ae.trainer.train import train
 
     saves: list[float] = []  # seconds the loop spent inside each periodic (unforced) save
     save = Checkpoints.save

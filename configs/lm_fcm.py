@@ -36,7 +36,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant(s) {sorted(unknown)}: use any of {VARIANTS}")
     tiny = size == "tiny"
     c = ml_collections.ConfigDict()
-    c.task = "lm"
+    c.task = "lm"  # the model family: the trainer runs `lm.task.get_task` (lm/task.py)
     c.seed = 0
     c.model_size = size
     c.model = ml_collections.ConfigDict(
@@ -73,6 +73,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
             nonfinite="stop",
         )
     )
+    # `lm_val`, the LM task's one hook: held-out perplexity on `data.val_urls` (lm/evaluate.py).
     c.eval = ml_collections.ConfigDict(
         dict(every=20 if tiny else 250, batches=4 if tiny else 0, hooks=("lm_val",))
     )

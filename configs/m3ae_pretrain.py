@@ -16,7 +16,7 @@ weights image 1.0 / text 0.5. Expected: ViT-B 100 epochs probes at 59.4% top-1 o
 
 `local`, chosen by measurement on 2 CPU cores (2,000 openclipart drawings with their titles and
 keywords, 372 steps of 64, ~4 minutes; cross-modal gain on the 400 held-out drawings, in nats,
-= masked-word loss with another drawing - with the true drawing; `m3ae/crossmodal.py`):
+= masked-word loss with another drawing - with the true drawing; `m3ae/evaluate/crossmodal.py`):
 - The former recipe (tiny 64-wide model, 32 px, patch 8 = 4 visible patches, BERT-uncased):
   gain +0.003, accuracy 18.9% with the true or another drawing (a word-frequency guesser).
   96% of its parameters were the 30,522-row word tables, and the text head over every slot was
@@ -69,6 +69,7 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     if unknown := set(variants) - set(VARIANTS):
         raise ValueError(f"unknown variant(s) {sorted(unknown)} in {arg!r}; known: {VARIANTS}")
     c = ml_collections.ConfigDict()
+    c.task = "m3ae"  # the model family: the trainer runs `m3ae.task.get_task` (m3ae/task.py)
     c.seed = 0
 
     c.model_size = size
@@ -141,9 +142,10 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
         )
     )
 
-    # Evaluation hooks (m3ae/evaluate.py), every `every` steps and at the end. `probe` fits the
-    # ridge probe on the CLS features of `probe_urls` (labelled shards: TRAIN::TEST, or one set
-    # split by key hash; empty = off), the first `probe_samples` of each set (m3ae/probe_hook.py).
+    # Evaluation hooks of the M3AE task (m3ae/task.py), every `every` steps and at the end:
+    # `val_loss`, `crossmodal` and `probe`, which fits the ridge probe on the CLS features of
+    # `probe_urls` (labelled shards: TRAIN::TEST, or one set split by key hash; empty = off),
+    # the first `probe_samples` of each set (m3ae/evaluate/probe_hook.py).
     # Off in `local` too: on its val shard (400 drawings, 22 categories) it costs ~4 s a run but
     # the trained and the random-init encoder score alike (45% vs 48% top-1), so it tells nothing.
     c.eval = ml_collections.ConfigDict(
@@ -156,7 +158,7 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
         )
     )
 
-    # Mesh axes (see m3ae/sharding.py); -1 takes the remaining devices.
+    # Mesh axes (see m3ae/trainer/sharding.py); -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.checkpoint = ml_collections.ConfigDict(
         dict(every=100 if local else 1000, keep=3, async_save=True)

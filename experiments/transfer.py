@@ -18,7 +18,7 @@ Within a seed every trained arm sees identical images, crops and order (the load
 the run's seed; the image-only stream takes the paired stream's place). Each model is probed
 on openclipart drawings it never saw (the probe's first 4,000 less the 2,000 trained on:
 `m3ae probe` leaves out the model's `trained_on` shards) and on Fashion-MNIST, with the ridge
-and the logistic probe, and scored by the cross-modal evaluation (m3ae/crossmodal.py) on the
+and the logistic probe, and scored by the cross-modal evaluation (evaluate/crossmodal.py) on the
 held-out shard. Writes `OUT/transfer.json` (every number, with means and standard deviations
 over seeds) and `OUT/transfer.png`, rewritten after every run (`complete` says whether all
 arms and seeds are in). Finished runs and probes are reused when rerun.

@@ -1,4 +1,5 @@
-"""Held-out perplexity of a causal LM: the `lm_val` eval hook and the `m3ae lm-eval` library call.
+"""Held-out perplexity of a causal LM: the `lm_val` eval hook (passed by `lm/task.py`) and the
+`m3ae lm-eval` library call.
 
     result = perplexity(model, params, "data/shakespeare/heldout", seq_len=256, batch_size=16)
     result["perplexity"], result["loss"], result["tokens"]
@@ -18,8 +19,9 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from m3ae.evaluate import EvalContext, register
-from pipelines.text import TextLoader
+from m3ae.trainer.hooks import EvalContext
+from m3ae.trainer.sharding import global_batch
+from pipelines.text import TextLoader, build_text_loaders
 
 INPUTS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -82,12 +84,8 @@ def perplexity(
     return out
 
 
-@register("lm_val")
 def lm_val(ctx: EvalContext) -> dict[str, float]:
     """Perplexity on the first `eval.batches` batches (0 = all) of `data.val_urls`."""
-    from m3ae.sharding import global_batch
-    from pipelines.text import build_text_loaders
-
     data: ml_collections.ConfigDict = ctx.config.data
     if not data.get("val_urls"):
         return {}

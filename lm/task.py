@@ -1,25 +1,30 @@
 """The causal LM as a trainer task (`config.task = "lm"`): `m3ae train` / `m3ae launch` run it
 unchanged, with `configs/lm_fcm.py`.
 
+    task = get_task(config)   # what `m3ae.trainer.task.make_task` calls for "lm"
+
 A step's batch is one `text` stream of packed rows from `pipelines.text`; the model runs with
 `train=True`, so FCM (or T-FCM) draws its mask from the `fcm` RNG stream. The run ends with the
 trained model in `<workdir>/model` (`lm.pretrained` layout), ready for `m3ae lm-eval` and
-`m3ae generate`.
+`m3ae generate`. Its one eval hook, `lm_val`, is the held-out perplexity (`lm/evaluate.py`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
 import numpy as np
 
-from lm.evaluate import INPUTS  # importing lm.evaluate registers the `lm_val` eval hook
+from lm.evaluate import INPUTS, lm_val
 from lm.model import LM, lm_config, lm_flops_per_token
 from lm.pretrained import save_lm
-from m3ae.tasks import Task
+from m3ae.trainer.task import Task
 from pipelines.text import build_text_loaders
 
 
-def lm_task(config: ml_collections.ConfigDict) -> Task:
+def get_task(config: ml_collections.ConfigDict, workdir: Path | None = None) -> Task:
+    """The LM task of `config`; it derives nothing before training, so `workdir` is unused."""
     cfg = lm_config(config.model_size, **config.model)
     model = LM(**cfg)
     length = int(config.data.seq_len)
@@ -37,9 +42,9 @@ def lm_task(config: ml_collections.ConfigDict) -> Task:
     def inputs(arrays):
         return {k: arrays[k] for k in INPUTS}
 
-    def loaders(global_batch, process_index, process_count, seed, state):
+    def loaders(batch_size, process_index, process_count, seed, state):
         return build_text_loaders(
-            config.data, global_batch, process_index, process_count, seed, state
+            config.data, batch_size, process_index, process_count, seed, state
         )
 
     def flops(sizes):
@@ -52,6 +57,7 @@ def lm_task(config: ml_collections.ConfigDict) -> Task:
     fcm = "T-FCM" if model.tfcm else ("FCM" if model.fcm_eta > 0 else "causal")
     return Task(
         name=f"LM {config.model_size} ({fcm})",
+        config=config,
         model=model,
         model_config=cfg,
         inputs=inputs,
@@ -62,4 +68,5 @@ def lm_task(config: ml_collections.ConfigDict) -> Task:
         loaders=loaders,
         flops=flops,
         save=save,
+        hooks={"lm_val": lm_val},
     )

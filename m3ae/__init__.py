@@ -3,12 +3,17 @@
     from m3ae import M3AE, PretrainedM3AE   # the flax module; what `M3AE.from_pretrained` returns
 
 The two are imported on first access (PEP 562), so `import m3ae.cli` and the data pipelines do
-not pay for flax and the tokenizer.
+not pay for flax and the tokenizer. Modules that moved into `m3ae/trainer/` and
+`m3ae/evaluate/` stay importable by their old names (`m3ae/moved.py`).
 """
 
 from typing import Any
 
-_LAZY = {"M3AE": "m3ae.model", "PretrainedM3AE": "m3ae.api"}
+from m3ae import moved
+
+moved.install()
+
+_LAZY = {"M3AE": "m3ae.model", "PretrainedM3AE": "m3ae.pretrained_m3ae"}
 __all__ = list(_LAZY)
 
 

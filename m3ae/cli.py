@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def _train(args: argparse.Namespace) -> int:
     from m3ae.config import load_config
-    from m3ae.train import train
+    from m3ae.trainer.train import train
 
     config = load_config(args.config, args.overrides)
     summary = train(config, args.workdir)
@@ -79,7 +79,7 @@ def write_json(path: str | None, record: dict) -> None:
 
 
 def _crossmodal(args: argparse.Namespace) -> int:
-    from m3ae.crossmodal import describe, evaluate_directory
+    from m3ae.evaluate.crossmodal import describe, evaluate_directory
 
     if args.batch_size < 2 or args.batches < 1:
         raise ValueError("--batch-size must be >= 2 and --batches >= 1")
@@ -92,7 +92,7 @@ def _crossmodal(args: argparse.Namespace) -> int:
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
-    from m3ae.zeroshot import zeroshot
+    from m3ae.evaluate.zeroshot import zeroshot
 
     if args.batch_size < 1 or args.draws < 1:
         raise ValueError("--batch-size and --draws must be >= 1")
@@ -188,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_zeroshot)
 
     from lm.cli import add_lm_commands
-    from m3ae.embed import add_embed_command
-    from m3ae.probe_cli import add_probe_command
-    from pipelines.shard_writer import add_shards_command
+    from m3ae.evaluate.embed import add_embed_command
+    from m3ae.evaluate.probe_cli import add_probe_command
+    from pipelines.shards_cli import add_shards_command
     from pipelines.vocab import add_vocab_command
 
     add_shards_command(verbs)

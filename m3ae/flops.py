@@ -8,8 +8,6 @@ within 0.4% (benchmarks/model_step.py reports both).
 
 from __future__ import annotations
 
-import time
-from functools import lru_cache
 from typing import Any
 
 from m3ae.masking import keep_length
@@ -81,20 +79,3 @@ def step_flops(
         p = cfg.get("patch_size", M3AE.patch_size)
         tokens += size * ((image_size // p) ** 2 * image + text_length * text)
     return {"total": float(total), "tokens": float(tokens)}
-
-
-@lru_cache(maxsize=4)
-def measure_matmul_peak(dtype: str = "float32", n: int = 1024, seconds: float = 0.3) -> float:
-    """Best FLOP/s of a jitted n x n x n matmul on one device (a quick, honest MFU reference)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(jnp.matmul)
-    f(a, a).block_until_ready()
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best

@@ -75,7 +75,7 @@ class HostActor:
                 coordinator_bind_address=coordinator,  # JAX's default is every interface
             )
         from m3ae.config import load_config
-        from m3ae.train import train
+        from m3ae.trainer.train import train
 
         return train(load_config(spec, overrides), workdir, progress=False)
 

@@ -18,12 +18,14 @@ V vocabulary. Images are `(B, H, W, 3)` and already normalized with the dataset 
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m3ae.losses import masked_losses
 from m3ae.masking import (
     MASKING_MODES,
     Mask,
@@ -33,6 +35,8 @@ from m3ae.masking import (
     shuffle_per_example,
     shuffle_real_tokens,
 )
+from m3ae.model_dir import Format
+from m3ae.patches import gather_tokens, patchify, unpatchify
 from m3ae.transformer import (
     Transformer,
     dense_init,
@@ -40,6 +44,9 @@ from m3ae.transformer import (
     sincos_1d,
     sincos_2d,
 )
+
+if TYPE_CHECKING:
+    from m3ae.pretrained_m3ae import PretrainedM3AE
 
 Array = jax.Array
 
@@ -73,28 +80,23 @@ def model_config(size: str, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def patchify(images: Array, patch: int) -> Array:
-    """`(B, H, W, C)` -> `(B, N, p*p*C)`: row-major patches, each in (row, col, channel) order."""
-    B, H, W, C = images.shape
-    if H % patch or W % patch:
-        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {patch}")
-    x = images.reshape(B, H // patch, patch, W // patch, patch, C)  # (B, Gh, p, Gw, p, C)
-    x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, Gh, Gw, p, p, C)
-    return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)  # (B, N, P)
+def normalize(images: Array, mean: Any, std: Any) -> Array:
+    """uint8 `(B, H, W, 3)` -> float32 normalized with the dataset statistics (done on device:
+    4x less to transfer than floats)."""
+    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
 
 
-def unpatchify(patches: Array, patch: int, grid_h: int, grid_w: int) -> Array:
-    """`(B, N, p*p*C)` -> `(B, H, W, C)`, the inverse of `patchify`."""
-    B, N, P = patches.shape
-    C = P // (patch * patch)
-    x = patches.reshape(B, grid_h, grid_w, patch, patch, C)  # (B, Gh, Gw, p, p, C)
-    x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, Gh, p, Gw, p, C)
-    return x.reshape(B, grid_h * patch, grid_w * patch, C)
-
-
-def gather_tokens(x: Array, ids: Array) -> Array:
-    """`x (B, L, D)`, `ids (B, K)` -> `(B, K, D)`."""
-    return jnp.take_along_axis(x, ids[:, :, None], axis=1)
+def model_inputs(batch: dict[str, Any], mean: Any, std: Any) -> dict[str, Any]:
+    """A stream's arrays (uint8 `image`, `text`, `text_padding_mask`) -> M3AE keyword arguments,
+    absent modalities left out: the model's input convention, shared by training, evaluation
+    and the encode path."""
+    kwargs: dict[str, Any] = {}
+    if "image" in batch:
+        kwargs["image"] = normalize(batch["image"], mean, std)
+    if "text" in batch:
+        kwargs["text"] = batch["text"]
+        kwargs["text_padding_mask"] = batch["text_padding_mask"]
+    return kwargs
 
 
 class M3AE(nn.Module):
@@ -121,12 +123,23 @@ class M3AE(nn.Module):
     remat: bool = False
     attention_impl: str = "xla"
 
-    @classmethod
-    def from_pretrained(cls, directory: str, **overrides: Any):
-        """A saved model directory as an `m3ae.api.PretrainedM3AE` (module, params, tokenizer)."""
-        from m3ae.api import PretrainedM3AE  # the wrapper needs the tokenizer: load it lazily
+    # Its input convention (uint8 stream arrays -> keyword arguments), for code that holds the
+    # module but does not import this file (the encode path, `PretrainedM3AE`).
+    model_inputs = staticmethod(model_inputs)
+    # Its saved directories (`m3ae.model_dir`, `m3ae.pretrained`): tag, name in errors, and the
+    # transformer stacks stored unrolled.
+    directory_format: ClassVar[Format] = Format(
+        "m3ae-pretrained/1", "pretrained M3AE", stacks=("encoder", "decoder")
+    )
 
-        return PretrainedM3AE.from_pretrained(directory, **overrides)
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> PretrainedM3AE:
+        """A saved model directory as a `PretrainedM3AE` (module, params, preprocessing and
+        tokenizer). `overrides` change M3AE fields such as `dtype`, or the input settings
+        (`image_size`, `text_length`, `mean`, `std`) of directories that lack them."""
+        from m3ae.pretrained_m3ae import PretrainedM3AE  # PIL and the tokenizer: when loading
+
+        return PretrainedM3AE.load(directory, cls, **overrides)
 
     def setup(self) -> None:
         if self.masking not in MASKING_MODES:
@@ -330,12 +343,15 @@ class M3AE(nn.Module):
             else:
                 text_target = (text, text_mask.removed * real)
             out["text_logits"] = self.text_head(z_txt)  # (B, L or L - K_txt, V)
+        unpaired = image is None  # a text-only batch weighs its text loss on its own
         out.update(
-            self.losses(
+            masked_losses(
                 out.get("image_reconstruction"),
                 image_target,
                 out.get("text_logits"),
                 text_target,
+                self.image_loss_weight,
+                self.unpaired_text_loss_weight if unpaired else self.text_loss_weight,
             )
         )
         if masked_only:  # predictions at the removed positions only: not full-sequence outputs
@@ -387,49 +403,6 @@ class M3AE(nn.Module):
         z_img = z[:, 1 : 1 + N] if image is not None else None  # (B, N, Dd)
         z_txt = z[:, 1 + N :] if text is not None else None  # (B, L, Dd)
         return z_img, z_txt
-
-    def losses(
-        self,
-        recon: Array | None,
-        image_target: tuple[Array, Array | None] | None,
-        logits: Array | None,
-        text_target: tuple[Array, Array] | None,
-    ) -> dict[str, Array]:
-        """Image MSE on removed patches and text cross-entropy on removed real tokens.
-
-        `recon (B, M, P)` is scored against `image_target = (patches (B, M, P), weight (B, M))`
-        (weight None: every slot counts), `logits (B, M, V)` against `text_target = (ids (B, M),
-        weight (B, M))`; M is the full length, or the removed slots only. Both losses are
-        averaged per example first, then over the batch (an example with nothing to predict
-        contributes 0). Total = `w_img * image + w_txt * text`, where the text weight is
-        `unpaired_text_loss_weight` for text-only batches.
-        """
-        out: dict[str, Array] = {}
-        total = jnp.zeros((), jnp.float32)
-        if recon is not None:
-            patches, m = image_target
-            err = jnp.mean((recon.astype(jnp.float32) - patches) ** 2, axis=-1)  # (B, M)
-            if m is None:
-                per_example = jnp.sum(err, -1) / max(err.shape[-1], 1)
-            else:
-                per_example = jnp.sum(err * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
-            out["image_loss_per_example"] = per_example
-            out["image_loss"] = jnp.mean(per_example)
-            total = total + self.image_loss_weight * out["image_loss"]
-        if logits is not None:
-            text, valid = text_target
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (B, M, V)
-            nll = -jnp.take_along_axis(logp, text[:, :, None], axis=-1)[..., 0]  # (B, M)
-            correct = (jnp.argmax(logits, axis=-1) == text).astype(jnp.float32)
-            denom = jnp.maximum(jnp.sum(valid, -1), 1e-5)
-            out["text_loss_per_example"] = jnp.sum(nll * valid, -1) / denom
-            out["text_loss"] = jnp.mean(out["text_loss_per_example"])
-            out["text_accuracy"] = jnp.mean(jnp.sum(correct * valid, -1) / denom)
-            out["text_loss_valid"] = valid
-            weight = self.text_loss_weight if recon is not None else self.unpaired_text_loss_weight
-            total = total + weight * out["text_loss"]
-        out["loss"] = total
-        return out
 
     # ------------------------------------------------------------------------- pictures
     def reconstruct(

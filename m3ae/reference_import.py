@@ -6,7 +6,7 @@ parity fixtures) and the original training script's release checkpoints, a cloud
 `params = {"params": {...}}` next to optax functions pickled *by value* (code objects, closures).
 
 A normal `pickle.load` of such a file imports modules and builds and calls code from it, so
-release pickles are read only through `m3ae.safe_pickle.safe_load_pickle`, which imports and
+release pickles are read only through `pipelines.safe_pickle.safe_load_pickle`, which imports and
 calls nothing named in the file (see its module docstring for the threat model).
 
 Every problem with a file is a ValueError of one line that starts with the file's name: a pickle
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from m3ae.safe_pickle import safe_load_pickle, to_plain
+from pipelines.safe_pickle import safe_load_pickle, to_plain
 
 
 # ------------------------------------------------------------------------------- reading files

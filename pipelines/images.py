@@ -284,7 +284,7 @@ def preprocess(
 
     The result stays uint8 on purpose: it is a quarter of the bytes of float32 between the decode
     worker and the host (queues, Ray object store, host-to-device copy), and normalization is one
-    vectorised op on the whole batch afterwards, on the device (`m3ae.train.normalize`).
+    vectorised op on the whole batch afterwards, on the device (`m3ae.trainer.train.normalize`).
     """
     img = open_image(data, max_pixels=max_pixels, name=name)
     width, height = _oriented_size(img)

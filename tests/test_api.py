@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m3ae.api import PretrainedM3AE
 from m3ae.cli import main as cli_main
 from m3ae.model import M3AE, model_config
 from m3ae.pretrained import read_preprocess, save_pretrained
+from m3ae.pretrained_m3ae import PretrainedM3AE
 from pipelines.images import CC12M_MEAN, CC12M_STD
 from pipelines.tokenizer import BERT_VOCAB_SIZE, load_tokenizer, tokenize
 
@@ -97,7 +97,7 @@ def test_features_equal_the_flax_module_and_survive_a_round_trip(tiny, loaded, t
     np.testing.assert_array_equal(
         loaded.encode_image(np.asarray(x), batch_size=2), loaded.encode_image(np.asarray(x))
     )
-    again = PretrainedM3AE.from_pretrained(loaded.save_pretrained(tmp_path / "copy"))
+    again = M3AE.from_pretrained(loaded.save_pretrained(tmp_path / "copy"))
     assert again.preprocess_config == loaded.preprocess_config
     np.testing.assert_array_equal(
         again.encode(images=np.asarray(x), texts=np.asarray(ids)),
@@ -227,9 +227,10 @@ def test_clear_errors(tiny, loaded, tmp_path):
 
 def test_package_exports_load_lazily():
     code = (
-        "import sys, m3ae; assert 'flax' not in sys.modules and 'm3ae.api' not in sys.modules; "
-        "from m3ae import M3AE, PretrainedM3AE; import m3ae.model, m3ae.api; "
-        "assert M3AE is m3ae.model.M3AE and PretrainedM3AE is m3ae.api.PretrainedM3AE"
+        "import sys, m3ae; assert 'flax' not in sys.modules; "
+        "assert 'm3ae.pretrained_m3ae' not in sys.modules; "
+        "from m3ae import M3AE, PretrainedM3AE; import m3ae.model, m3ae.pretrained_m3ae; "
+        "assert M3AE is m3ae.model.M3AE and PretrainedM3AE is m3ae.pretrained_m3ae.PretrainedM3AE"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

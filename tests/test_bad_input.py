@@ -215,7 +215,7 @@ def test_compressed_shards_in_a_directory_are_read(clipart_shards, tmp_path):
 
 
 def test_a_resumed_run_replaces_the_metrics_rows_of_replayed_steps(tmp_path):
-    from m3ae.metrics import MetricsLogger
+    from m3ae.trainer.metrics import MetricsLogger
 
     rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 5, "lo')  # torn

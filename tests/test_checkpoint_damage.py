@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3ae.checkpoint import Checkpoints
+from m3ae.trainer.checkpoint import Checkpoints
 
 
 def make_state(step: int, width: int = 256) -> dict:

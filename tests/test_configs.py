@@ -49,7 +49,7 @@ def test_overrides():
 @pytest.mark.parametrize("arg", ARGS["m3ae_pretrain"])
 def test_config_has_a_pulse(arg, clipart_shards, tmp_path):
     """Two training steps of every shipped recipe, with its model shrunk to the tiny size."""
-    from m3ae.train import train
+    from m3ae.trainer.train import train
 
     small = [
         "model_size=tiny",

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from m3ae.crossmodal import crossmodal_metrics, describe, mean_colour_loss
+from m3ae.evaluate.crossmodal import crossmodal_metrics, describe, mean_colour_loss
 from m3ae.model import M3AE, model_config
 
 B, S, L, V = 32, 16, 4, 12
@@ -84,7 +84,7 @@ def test_crossmodal_gain_tells_a_model_that_sees_from_one_that_cannot(trained):
 def test_zeroshot_caption_scores_pick_the_picture_s_colour(trained):
     """All caption tokens hidden, the decoder's likelihood names the colour of the picture; with
     every picture zeroed it cannot (one answer for all)."""
-    from m3ae.zeroshot import caption_nll
+    from m3ae.evaluate.zeroshot import caption_nll
 
     model, params = trained
     ids = jnp.asarray([[4 + c, 1, 2, 3] for c in range(3)], jnp.int32)  # (C, L): one per colour
@@ -168,7 +168,7 @@ def test_the_mae_recipe_trains_image_only(clipart_shards, tmp_path):
 
     from m3ae.config import load_config
     from m3ae.pretrained import load_pretrained
-    from m3ae.train import train
+    from m3ae.trainer.train import train
 
     config = load_config(
         "m3ae_pretrain:local,mae",

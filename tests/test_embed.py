@@ -15,11 +15,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from m3ae.embed import embed
-from m3ae.embedder import padded_size
-from m3ae.model import M3AE, model_config
+from m3ae.encode import padded_size
+from m3ae.evaluate.embed import embed
+from m3ae.model import M3AE, model_config, normalize
 from m3ae.pretrained import load_pretrained, save_pretrained
-from m3ae.step import normalize
 from pipelines.images import CC12M_MEAN, CC12M_STD
 from pipelines.loader import Loader
 
@@ -189,7 +188,8 @@ def test_batches_split_over_three_devices(embedded, model_dir, clipart_shards, t
     assert [padded_size(n, 64, 1) for n in (64, 33, 5, 1)] == [64, 64, 8, 1]
     src, _ = embedded
     code = (
-        "import sys, jax; from m3ae.embed import embed; assert jax.local_device_count() == 3; "
+        "import sys, jax; from m3ae.evaluate.embed import embed; "
+        "assert jax.local_device_count() == 3; "
         "embed(*sys.argv[1:], kinds='image,joint', batch_size=16, progress=False)"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
@@ -252,7 +252,7 @@ def test_missing_shard_is_not_finished_and_a_rerun_embeds_it(
 def test_truncated_shard_keeps_its_rows_but_is_recomputed(
     embedded, model_dir, clipart_shards, tmp_path
 ):
-    from m3ae.embed import EmbedFailed
+    from m3ae.evaluate.embed import EmbedFailed
 
     src, _ = embedded
     full = Path(clipart_shards[2]).read_bytes()
@@ -303,8 +303,8 @@ def test_folder_without_captions_embeds_images_alone(model_dir, clipart_shards, 
 
 
 def test_kinds_follow_what_shards_hold(clipart_shards, tmp_path):
-    from m3ae.embedder import KINDS as ALL
-    from m3ae.embedder import Partition, choose_kinds
+    from m3ae.evaluate.embed_worker import KINDS as ALL
+    from m3ae.evaluate.embed_worker import Partition, choose_kinds
 
     pictures = tmp_path / "pictures.tar"  # the clipart drawings without their captions
     with tarfile.open(clipart_shards[0]) as src, tarfile.open(pictures, "w") as dst:

@@ -101,7 +101,7 @@ def test_two_host_job_matches_one_process_and_listens_on_loopback_only(clipart_s
     """`m3ae launch` as a user runs it: an embedded Ray and a two-process JAX job. Every socket
     any of its processes listens on (Ray's GCS, raylet, agents, workers, the driver, the
     `jax.distributed` coordinator) is on 127.0.0.1; the losses equal one process's."""
-    from m3ae.train import train
+    from m3ae.trainer.train import train
 
     args = overrides(clipart_shards)
     job = tmp_path / "job"

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from m3ae.config import load_config
-from m3ae.train import train
+from m3ae.trainer.train import train
 
 LM_ARGS = ["tiny", "small", "base", "small,nofcm", "small,tfcm", "small,pair"]
 

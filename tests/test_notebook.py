@@ -11,7 +11,7 @@ import pytest
 from nbclient import NotebookClient
 
 from m3ae.config import load_config
-from m3ae.train import train
+from m3ae.trainer.train import train
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

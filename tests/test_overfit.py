@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from m3ae.model import M3AE, model_config
-from m3ae.step import model_inputs
+from m3ae.model import M3AE, model_config, model_inputs
 from pipelines.images import CC12M_MEAN, CC12M_STD
 from pipelines.loader import Loader
 

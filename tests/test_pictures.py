@@ -99,8 +99,8 @@ def test_grid_image_only(reconstructed, tmp_path):
 
 
 def test_save_pictures_passes_captions(tmp_path):
-    from m3ae.sharding import make_mesh
-    from m3ae.tasks import save_pictures
+    from m3ae.task import save_pictures
+    from m3ae.trainer.sharding import make_mesh
 
     ids, pad = tokenize(CAPTIONS, 12)
     image = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
@@ -119,7 +119,7 @@ def test_held_out_pictures_take_one_drawing_per_category_first(clipart_shards):
     """The pictures' held-out set is varied: the first drawing of each category in the val
     shards, before any category repeats (the first rows alone were mostly one category)."""
     from configs.m3ae_pretrain import get_config
-    from m3ae.tasks import held_out_batch, varied_rows
+    from m3ae.task import held_out_batch, varied_rows
 
     assert varied_rows([3, 3, 1, 3, 2, 1], 4).tolist() == [0, 2, 4, 1]
     config = get_config("local")

@@ -108,3 +108,18 @@ def test_import_reference_refuses_unrelated_files(tmp_path):
     np.savez(bogus, weights=np.zeros(3))
     res = run_cli("import-reference", str(bogus), str(tmp_path / "out"))
     assert res.returncode == 2 and "bogus.npz" in res.stderr
+
+
+def test_model_dir_and_lm_directories_import_no_model_family():
+    """`m3ae.model_dir` is model-agnostic (no flax, no M3AE); `lm.pretrained` uses it alone."""
+    code = (
+        "import sys, m3ae.model_dir; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('flax', 'orbax') "
+        "or m in ('m3ae.model', 'm3ae.transformer', 'm3ae.pretrained', 'lm.model')]; "
+        "assert not bad, bad; "
+        "import lm.pretrained; "
+        "bad = {'m3ae.model', 'm3ae.pretrained', 'm3ae.pretrained_m3ae'} & set(sys.modules); "
+        "assert not bad, bad"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from m3ae.probe import (
+from m3ae.evaluate.probe import (
     EVALUATORS,
     METRICS,
     classification_metrics,
@@ -18,9 +18,9 @@ from m3ae.probe import (
     save_confusion_png,
     save_result_json,
 )
-from m3ae.probe_eval import LOGISTIC_WEIGHT_DECAYS, standardize, stratified_split
-from m3ae.probe_knn import knn_scores
-from m3ae.probe_lars import LINEAR_BASE_LRS
+from m3ae.evaluate.probe_fit import LOGISTIC_WEIGHT_DECAYS, standardize, stratified_split
+from m3ae.evaluate.probe_knn import knn_scores
+from m3ae.evaluate.probe_lars import LINEAR_BASE_LRS
 
 # The paper's LARS recipe moves the weights ~N * base_lr * 0.001 / 256 per epoch, too little for
 # ~1k-sample sets in a few dozen epochs (see linear_scores); 6.4 is MAE's actual peak LR.
@@ -131,7 +131,7 @@ def test_fewshot_ridge_improves_with_shots(digits, tmp_path):
 
 def test_ridge_closed_form_and_leave_one_out():
     """Primal and dual forms equal the direct solve; the LOO shortcut equals refitting."""
-    from m3ae.probe_eval import ridge_scores
+    from m3ae.evaluate.probe_fit import ridge_scores
 
     rng = np.random.default_rng(3)
     for n, d in ((40, 8), (12, 30)):  # N >= D (primal) and D > N (dual)

@@ -14,10 +14,10 @@ from PIL import Image
 
 from m3ae.cli import main
 from m3ae.config import load_config
+from m3ae.evaluate.probe_cli import probe
+from m3ae.evaluate.probe_data import in_test, read_embeddings
 from m3ae.model import M3AE, model_config
 from m3ae.pretrained import save_pretrained
-from m3ae.probe_cli import probe
-from m3ae.probe_data import in_test, read_embeddings
 from pipelines.shards import read_shard, shard_keys
 from pipelines.sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 
@@ -155,7 +155,7 @@ def test_bad_dataset_and_option_name_the_option(model_dir, tmp_path, capsys):
 
 
 def test_probe_hook_in_training(fm_shards, tmp_path):
-    from m3ae.train import train
+    from m3ae.trainer.train import train
 
     overrides = [
         f"data.paired.urls={fm_shards['train']}",

@@ -1,6 +1,7 @@
 """Tests for importing original M3AE parameters (npz exports and release-format pickles).
 
-The release pickle is loaded only through `m3ae.safe_pickle`, whose own tests (hostile payloads,
+The release pickle is loaded only through `pipelines.safe_pickle`, whose own tests (hostile
+payloads,
 refused opcodes and dtypes, round trips) are in test_safe_pickle.py.
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from m3ae.reference_import import infer_config, read_reference, summarize, to_m3ae_params
-from m3ae.safe_pickle import InertRecord, safe_load_pickle, to_plain
+from pipelines.safe_pickle import InertRecord, safe_load_pickle, to_plain
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RELEASE_PKL = FIXTURES / "m3ae_reference_release_format.pkl"

@@ -1,4 +1,4 @@
-"""Tests for `m3ae.safe_pickle`, the restricted unpickler.
+"""Tests for `pipelines.safe_pickle`, the restricted unpickler.
 
 Several tests prove that it neither imports modules nor runs code, using payloads shown to be live
 under plain `pickle`.
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3ae.safe_pickle import InertRecord, UnsafePickleError, safe_load_pickle
+from pipelines.safe_pickle import InertRecord, UnsafePickleError, safe_load_pickle
 
 RELEASE_PKL = Path(__file__).parent / "fixtures" / "m3ae_reference_release_format.pkl"
 

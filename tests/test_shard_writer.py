@@ -16,13 +16,12 @@ from PIL import Image
 from pipelines.shard_writer import (
     Record,
     Skip,
-    add_shards_command,
     folder_records,
     labelled_records,
     openclipart_records,
-    run_shards,
     write_shards,
 )
+from pipelines.shards_cli import add_shards_command, run_shards
 from pipelines.sources import FASHION_MNIST_CLASSES, ScanResult, scan_openclipart
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from pipelines.mix import MixedLoader, Prefetch
-from pipelines.shard_writer import main as shards_main
 from pipelines.shard_writer import write_shards
 from pipelines.shards import read_shard
+from pipelines.shards_cli import main as shards_main
 from pipelines.text import TextLoader, build_text_loaders, text_data_config
 from pipelines.text_shards import HELDOUT, shakespeare_records, shakespeare_works
 from pipelines.tokenizer import GPT2_EOS, load_gpt2_tokenizer

@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
+import pytest
 
 from m3ae.config import load_config
 from m3ae.pretrained import load_pretrained
-from m3ae.train import train
+from m3ae.trainer.train import train
 
 
 def small_config(shards, *extra):
@@ -98,7 +100,7 @@ def test_accumulate_equals_the_full_batch_gradient():
     import jax
     import jax.numpy as jnp
 
-    from m3ae.step import accumulate
+    from m3ae.trainer.step import accumulate
 
     x = jax.random.normal(jax.random.PRNGKey(0), (12, 5))
     w = {"w": jnp.arange(5.0)}
@@ -135,3 +137,54 @@ def test_gradient_accumulation_trains(clipart_shards, tmp_path):
     assert len(rows[1]) == len(rows[2]) == 4
     for a, b in zip(rows[1], rows[2], strict=True):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=2e-2)
+
+
+def test_the_trainer_imports_no_model_family():
+    """m3ae/trainer/ knows pipelines and the task protocol: a family module is imported by the
+    name in `config.task`, never by an import statement (function-level ones included)."""
+    import ast
+    from pathlib import Path
+
+    import m3ae.trainer
+
+    families = ("m3ae.model", "m3ae.task", "m3ae.evaluate", "m3ae.flops", "m3ae.pretrained", "lm")
+    for path in sorted(Path(m3ae.trainer.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(tuple(f + "." for f in families)), (path.name, name)
+                assert name not in families, (path.name, name)
+
+
+def test_a_task_is_found_by_its_family_name():
+    from m3ae.trainer.task import make_task
+
+    config = load_config("lm_fcm:tiny")
+    task = make_task(config)  # lm/task.py's get_task
+    assert task.name == "LM tiny (FCM)" and task.config is config
+    assert set(task.hooks) == {"lm_val"} and task.describe is None
+    for name, tried in (("nope", "no module nope.task"), ("pipelines", "pipelines.task")):
+        with pytest.raises(ValueError, match="config.task") as error:
+            make_task(ml_collections.ConfigDict({"task": name}))
+        assert tried in str(error.value) and "known families: 'lm', 'm3ae'" in str(error.value)
+    for bad in ("m3ae.trainer", ""):  # not a family name: never imports the trainer's own task
+        with pytest.raises(ValueError, match="known families"):
+            make_task(ml_collections.ConfigDict({"task": bad}))
+    with pytest.raises(ValueError, match="config.task is None"):
+        make_task(ml_collections.ConfigDict())
+
+
+def test_hooks_are_passed_by_the_task_not_registered():
+    from m3ae.trainer.hooks import EvalContext, run_hooks
+
+    config = ml_collections.ConfigDict({"eval": {"hooks": ("a", "b")}})
+    ctx = EvalContext(config, None, None, None, 3, lambda arrays: arrays, {})
+    hooks = {"a": lambda ctx: {"x": 1.0}, "b": lambda ctx: {"step": float(ctx.step)}}
+    assert run_hooks(ctx, hooks) == {"a/x": 1.0, "b/step": 3.0}
+    with pytest.raises(KeyError, match=r"'b'; known hooks: \['a'\]"):
+        run_hooks(ctx, {"a": hooks["a"]})

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3ae.checkpoint import Checkpoints
 from m3ae.config import load_config
-from m3ae.train import train
+from m3ae.trainer.checkpoint import Checkpoints
+from m3ae.trainer.train import train
 
 
 def overrides(shards, *extra):

@@ -7,7 +7,7 @@ CLIP_benchmark's field names (`lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`).
     save_confusion_png(result, class_names, "confusion.png")
     sweep = run_fewshot(train_x, train_y, test_x, test_y, 10)  # ridge, 1/5/10/25 shots x seeds
 
-Evaluators (`EVALUATORS`; fitters in `m3ae.probe_eval`, `m3ae.probe_lars`, `m3ae.probe_knn`;
+Evaluators (`EVALUATORS`; fitters in `probe_fit`, `probe_lars`, `probe_knn` beside this file;
 options are their keyword arguments):
 
 * `ridge`: closed-form least squares onto {-1, +1} one-hot targets (big_vision's few-shot
@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from m3ae.probe_eval import logistic_scores, ridge_scores
-from m3ae.probe_knn import knn_scores
-from m3ae.probe_lars import linear_scores
+from m3ae.evaluate.probe_fit import logistic_scores, ridge_scores
+from m3ae.evaluate.probe_knn import knn_scores
+from m3ae.evaluate.probe_lars import linear_scores
 
 # name -> fitter(train_x, train_y, test_x, num_classes, *, seed, **options)
 #          -> (test scores (M, C), chosen hyperparameters incl. `train_acc1` and `converged`)
@@ -116,7 +116,7 @@ def run_probe(
     **options: Any,
 ) -> dict[str, Any]:
     """Fit evaluator `name` on train (or on `shots` samples per class of it, drawn with `seed`)
-    and score test. `options` go to the evaluator (see `m3ae.probe_eval`)."""
+    and score test. `options` go to the evaluator (see `m3ae.evaluate.probe_fit`)."""
     if name not in EVALUATORS:
         raise KeyError(f"unknown probe evaluator {name!r}; known: {sorted(EVALUATORS)}")
     train_x, test_x = np.asarray(train_x), np.asarray(test_x)

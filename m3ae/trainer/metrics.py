@@ -4,12 +4,17 @@
     logger = MetricsLogger(workdir, tensorboard=True, wandb_project="", config=config_dict)
     logger.write(step, {"loss": 1.2, "data": {"paired": {"skipped": {...}}}})
     logger.image(step, "reconstruction", "runs/demo/reconstruction_000100.png")
+
+MFU divides a step's model FLOPs (the task's) by a peak: `logging.peak_flops`, or one measured by
+`measure_matmul_peak` at the start of the run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +127,19 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+@lru_cache(maxsize=4)
+def measure_matmul_peak(dtype: str = "float32", n: int = 1024, seconds: float = 0.3) -> float:
+    """Best FLOP/s of a jitted n x n x n matmul on one device (a quick, honest MFU reference)."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(jnp.matmul)
+    f(a, a).block_until_ready()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best

@@ -1,5 +1,5 @@
-"""The closed-form and L-BFGS linear-probe fitters behind `m3ae.probe`: each maps cached train
-features to class scores for the test features and reports the hyperparameters it settled on,
+"""The closed-form and L-BFGS linear-probe fitters behind `m3ae.evaluate.probe`: each maps cached
+train features to class scores for the test features and reports the hyperparameters it settled on,
 its accuracy on the train features (`train_acc1`) and whether the fit `converged`.
 
     scores, chosen = ridge_scores(train_x, train_y, test_x, num_classes, seed=0)
@@ -9,8 +9,8 @@ its accuracy on the train features (`train_acc1`) and whether the fit `converged
 * `logistic_scores`: multinomial logistic regression, full-batch L-BFGS, weight decay swept on a
   stratified 20% held-out split of train, then refit on all of train.
 
-The paper's LARS probe is `m3ae.probe_lars.linear_scores`, the kNN classifier
-`m3ae.probe_knn.knn_scores`.
+The paper's LARS probe is `m3ae.evaluate.probe_lars.linear_scores`, the kNN classifier
+`m3ae.evaluate.probe_knn.knn_scores`.
 
 All linear fitters standardize with the train set's statistics: center by the per-dimension mean
 and divide by the per-dimension std (no whitening rotation; dimensions that are constant on train

@@ -12,7 +12,7 @@ On held-out paired data, with the same masks in every condition:
     metrics = crossmodal_metrics(model, params, batches)   # batches: normalized model inputs
     m3ae crossmodal --model runs/demo/model --data data/openclipart-64/00000.tar
 
-It is also the `crossmodal` eval hook (m3ae/evaluate.py), on `data.val_urls`. An image-only
+It is also the `crossmodal` eval hook (m3ae/task.py), on `data.val_urls`. An image-only
 model (`use_text=False`) gets the image loss and the baseline only.
 """
 
@@ -157,8 +157,8 @@ def evaluate_directory(
     Images get the evaluation transform at the model's own image size and statistics; captions
     the model's tokenizer and text length (`m3ae.pretrained.read_preprocess`).
     """
+    from m3ae.model import model_inputs
     from m3ae.pretrained import load_pretrained, read_preprocess
-    from m3ae.step import model_inputs
     from pipelines.loader import Loader
 
     prep = read_preprocess(model_dir)

@@ -1,6 +1,6 @@
 """The user-facing model: a pretrained M3AE with its preprocessing and tokenizer, open_clip style.
 
-    model = M3AE.from_pretrained("runs/demo/model")         # or PretrainedM3AE.from_pretrained
+    model = M3AE.from_pretrained("runs/demo/model")                    # a PretrainedM3AE
     img = model.encode_image(["cat.jpg", pil_image], normalize=True)  # (B, D) float32 numpy
     txt = model.encode_text(["a drawing of a cat"], pool="mean")     # (B, D)
     both = model.encode(images=pictures, texts=captions)             # the joint embedding
@@ -14,8 +14,13 @@ padded with 0 to `text_length`) or int id arrays `(B, L)`, whose padding is id 0
 `padding_mask` (1 = padding) is given.
 
 Pooling: `cls` is the paper's probe feature (CLS output after the encoder's final LayerNorm, no
-masking); `mean` averages the non-padding token outputs. Inputs are encoded in batches of
-`batch_size` (the last one padded to the same shape, so a run compiles once per input shape).
+masking); `mean` averages the non-padding token outputs. Features come from the encode path that
+`m3ae embed`, `m3ae probe` and the training-time probe share (`m3ae.encode`): inputs are encoded
+in batches of `batch_size` (the last one padded to the same shape, so a run compiles once per
+input shape), uint8 images normalized on device.
+
+This module imports no model: it takes the module (an `M3AE`) and uses its methods, its input
+convention (`model_inputs`) and its `directory_format`, so `M3AE.from_pretrained` can build one.
 """
 
 from __future__ import annotations
@@ -27,43 +32,36 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from m3ae.model import M3AE
-from m3ae.pretrained import check_preprocess, load_pretrained, read_preprocess, save_pretrained
+from m3ae import model_dir
+from m3ae.encode import Encoder, Features
 from pipelines.images import finish_decode, preprocess, resize_center_crop, to_array
 
-POOLS = ("cls", "mean")
 SETTINGS = ("image_size", "text_length", "mean", "std")  # preprocessing a caller may override
 ImageInput = np.ndarray | Sequence[Image.Image | str | os.PathLike]
 TextInput = str | Sequence[str] | np.ndarray
 
 
-def _check_pool(pool: str) -> None:
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class PretrainedM3AE:
-    """A flax `M3AE` with its parameters (on device), input settings and tokenizer."""
+    """A flax `M3AE` with its parameters (on device), input settings and tokenizer.
+
+    `preprocess` holds the input settings (`m3ae.model_dir.check_preprocess`'s keys; the rest
+    take the defaults), `tokenizer` a Hugging Face tokenizer (None: the one `preprocess` names),
+    `config` the module's keyword arguments (None: read off the module).
+    """
 
     def __init__(
         self,
-        model: M3AE,
+        model: Any,
         params: Any,
         preprocess: dict[str, Any] | None = None,
         tokenizer: Any = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
-        self.params = jax.device_put(params)
-        prep = check_preprocess(
+        prep = model_dir.check_preprocess(
             {k: v for k, v in (preprocess or {}).items() if k != "tokenizer_dir"}
         )
         self.image_size: int = prep["image_size"]
@@ -78,49 +76,63 @@ class PretrainedM3AE:
 
             tokenizer = load_tokenizer(prep["tokenizer"] or None)
         self.tokenizer = tokenizer
-        fields = set(M3AE.__dataclass_fields__) - {"parent", "name"}
+        fields = model_dir.config_fields(model)
         self.config = dict(config) if config else {k: getattr(model, k) for k in sorted(fields)}
-        self._jitted: dict[tuple[str, str], Any] = {}
+        self._encoder = Encoder(model, self.mean, self.std)
+        self.params = self._encoder.place(params)
+        self._reconstruct: Any = None  # jitted on first use
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> PretrainedM3AE:
-        """Load a directory written by `save_pretrained` (ours, the trainer's final `model/`, or
-        `m3ae import-reference`). `overrides` change M3AE fields such as `dtype`, or the input
-        settings (`image_size`, `text_length`, `mean`, `std`) of directories that lack them."""
+    def load(
+        cls, directory: str | os.PathLike, module_cls: type, **overrides: Any
+    ) -> PretrainedM3AE:
+        """Load a directory of `module_cls` (an M3AE; what `M3AE.from_pretrained` calls) written
+        by `save_pretrained` (ours, the trainer's final `model/`, or `m3ae import-reference`).
+        `overrides` change module fields such as `dtype`, or the input settings (`image_size`,
+        `text_length`, `mean`, `std`) of directories that lack them."""
         if not Path(directory).is_dir():
             raise FileNotFoundError(f"model directory {directory} does not exist")
         from pipelines.tokenizer import load_tokenizer
 
-        prep = read_preprocess(directory)
+        fmt = module_cls.directory_format
+        prep = model_dir.read_preprocess(directory, fmt)
         settings = {k: overrides.pop(k) for k in SETTINGS if k in overrides}
-        unknown = set(overrides) - set(M3AE.__dataclass_fields__)
+        unknown = set(overrides) - set(model_dir.config_fields(module_cls))
         if unknown:
             raise ValueError(
-                f"unknown option(s) {sorted(unknown)}: overrides are M3AE fields or {SETTINGS}"
+                f"unknown option(s) {sorted(unknown)}: overrides are {module_cls.__name__} "
+                f"fields or {SETTINGS}"
             )
-        model, params = load_pretrained(directory, **overrides)
+        model, params = model_dir.load_model(directory, fmt, module_cls, **overrides)
         # No tokenizer/ (older directories): the bundled BERT-uncased, which M3AE was trained with.
         tokenizer = load_tokenizer(prep["tokenizer_dir"])
         return cls(model, params, {**prep, **settings}, tokenizer)
 
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write config, parameters, preprocessing and tokenizer files to `directory`."""
-        params = jax.device_get(self.params)
-        return save_pretrained(
-            directory, params, self.config, overwrite, self.preprocess_config, self.tokenizer
+        """Write config, parameters, preprocessing and tokenizer files to `directory`, in the
+        module's `directory_format` (what `M3AE.from_pretrained` reads)."""
+        module_cls = type(self.model)
+        return model_dir.save_model(
+            directory,
+            module_cls.directory_format,
+            jax.device_get(self.params),
+            self.config,
+            module_cls,
+            overwrite,
+            self.preprocess_config,
+            self.tokenizer,
         )
 
     # ------------------------------------------------------------------------------ inputs
-    def preprocess(self, image: Image.Image | str | os.PathLike | np.ndarray) -> np.ndarray:
-        """One image -> `(S, S, 3)` float32, normalized: the loader's evaluation transform."""
+    def pixels(self, image: Image.Image | str | os.PathLike | np.ndarray) -> np.ndarray:
+        """One image -> `(S, S, 3)` uint8: the loader's evaluation transform."""
         if isinstance(image, str | os.PathLike):
             path = Path(image)
             if not path.is_file():
                 raise FileNotFoundError(f"image file {path} does not exist")
             # The loader's own path from encoded bytes (JPEGs may decode at reduced scale).
-            pixels = preprocess(path.read_bytes(), self.image_size, False, None, name=str(path))
-            return self._normalize(pixels)
+            return preprocess(path.read_bytes(), self.image_size, False, None, name=str(path))
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
                 raise ValueError(
@@ -130,13 +142,20 @@ class PretrainedM3AE:
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image, a path or a uint8 array, got {type(image)}")
         rgb = finish_decode(image.copy())  # RGB, EXIF orientation; the caller's image untouched
-        return self._normalize(to_array(resize_center_crop(rgb, self.image_size)))
+        return to_array(resize_center_crop(rgb, self.image_size))
+
+    def preprocess(self, image: Image.Image | str | os.PathLike | np.ndarray) -> np.ndarray:
+        """One image -> `(S, S, 3)` float32, normalized: the loader's evaluation transform."""
+        return self._normalize(self.pixels(image)[None])[0]
 
     def _normalize(self, pixels: np.ndarray) -> np.ndarray:
-        return (pixels.astype(np.float32) / 255.0 - self.mean) / self.std
+        """uint8 `(B, S, S, 3)` -> float32, by the model's own input convention."""
+        image = self.model.model_inputs({"image": pixels}, self.mean, self.std)["image"]
+        return np.asarray(image, np.float32)
 
-    def images_to_array(self, images: ImageInput) -> np.ndarray:
-        """Any accepted image input -> normalized float32 `(B, S, S, 3)` (see the module doc)."""
+    def image_batch(self, images: ImageInput) -> np.ndarray:
+        """Any accepted image input -> what the encode path takes: uint8 `(B, S, S, 3)`, or the
+        caller's normalized floats `(B, H, W, 3)` as float32 (see the module doc)."""
         if isinstance(images, Image.Image | str | os.PathLike):
             images = [images]
         if isinstance(images, np.ndarray | jax.Array):
@@ -147,8 +166,8 @@ class PretrainedM3AE:
                 raise ValueError(f"image arrays are (B, H, W, 3) or (H, W, 3), got {x.shape}")
             if x.dtype == np.uint8:
                 if x.shape[1:3] == (self.image_size, self.image_size):
-                    return self._normalize(x)
-                return np.stack([self.preprocess(im) for im in x])
+                    return x
+                return np.stack([self.pixels(im) for im in x])
             if not np.issubdtype(x.dtype, np.floating):
                 raise ValueError(f"image arrays are uint8 or normalized floats, got {x.dtype}")
             p = self.model.patch_size
@@ -157,7 +176,12 @@ class PretrainedM3AE:
             return x.astype(np.float32)
         if len(images) == 0:
             raise ValueError("no images given")
-        return np.stack([self.preprocess(im) for im in images])
+        return np.stack([self.pixels(im) for im in images])
+
+    def images_to_array(self, images: ImageInput) -> np.ndarray:
+        """Any accepted image input -> normalized float32 `(B, S, S, 3)` (see the module doc)."""
+        x = self.image_batch(images)
+        return self._normalize(x) if x.dtype == np.uint8 else x
 
     def tokenize(self, texts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Strings -> `ids (B, text_length)` int32 and `padding (B, text_length)` (1 = pad)."""
@@ -193,51 +217,16 @@ class PretrainedM3AE:
         return ids.astype(np.int32), pad.astype(np.float32)
 
     # ---------------------------------------------------------------------------- encoding
-    def _fn(self, kind: str, pool: str):
-        """A jitted encoder for inputs `kind` ("image", "text" or "joint"), cached; jax.jit
-        itself caches one compilation per input shape."""
-        if (kind, pool) not in self._jitted:
-
-            def run(params, image, text, pad):
-                pooled, _ = self.model.apply(
-                    {"params": params}, image, text, pad, pool=pool, method=M3AE.encode
-                )
-                return pooled.astype(jnp.float32)
-
-            self._jitted[kind, pool] = jax.jit(run)
-        return self._jitted[kind, pool]
-
-    def _run(
-        self, kind: str, pool: str, batch_size: int, **inputs: np.ndarray | None
-    ) -> np.ndarray:
-        arrays = {k: v for k, v in inputs.items() if v is not None}
-        n = len(next(iter(arrays.values())))
-        if any(len(v) != n for v in arrays.values()):
-            raise ValueError(
-                f"images and texts differ in count: { {k: len(v) for k, v in arrays.items()} }"
-            )
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        size = min(batch_size, n)
-        fn, out = self._fn(kind, pool), []
-        for start in range(0, n, size):
-            chunk = {k: v[start : start + size] for k, v in arrays.items()}
-            short = size - len(next(iter(chunk.values())))
-            if short:  # repeat the last row: one shape for every batch, rows are independent
-                chunk = {
-                    k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in chunk.items()
-                }
-            got = fn(self.params, chunk.get("image"), chunk.get("text"), chunk.get("pad"))
-            out.append(np.asarray(got)[: size - short])
-        return np.concatenate(out)
+    def _encode(self, features: Features, batch_size: int, **arrays: np.ndarray) -> np.ndarray:
+        """Features `(B, D)` float32 of the one kind `features` names, by the encode path."""
+        return self._encoder(self.params, arrays, features, batch_size)[features.kinds[0]]
 
     def encode_image(
         self, images: ImageInput, normalize: bool = False, pool: str = "cls", batch_size: int = 64
     ) -> np.ndarray:
         """Image-only unmasked features `(B, D)` float32 (L2-normalized with `normalize`)."""
-        _check_pool(pool)
-        feats = self._run("image", pool, batch_size, image=self.images_to_array(images))
-        return _l2_normalize(feats) if normalize else feats
+        features = Features(("image",), pool, bool(normalize))  # checked before any decoding
+        return self._encode(features, batch_size, image=self.image_batch(images))
 
     def encode_text(
         self,
@@ -248,10 +237,9 @@ class PretrainedM3AE:
         batch_size: int = 256,
     ) -> np.ndarray:
         """Text-only unmasked features `(B, D)` float32 from strings or token ids."""
-        _check_pool(pool)
+        features = Features(("text",), pool, bool(normalize))
         ids, pad = self.texts_to_arrays(texts, padding_mask)
-        feats = self._run("text", pool, batch_size, text=ids, pad=pad)
-        return _l2_normalize(feats) if normalize else feats
+        return self._encode(features, batch_size, text=ids, text_padding_mask=pad)
 
     def encode(
         self,
@@ -264,18 +252,16 @@ class PretrainedM3AE:
     ) -> np.ndarray:
         """The joint embedding: image and text through the shared encoder together, `(B, D)`.
         With only one modality it equals `encode_image` / `encode_text`."""
-        _check_pool(pool)
         if images is None and texts is None:
             raise ValueError("encode needs images, texts, or both")
-        image = None if images is None else self.images_to_array(images)
-        ids = pad = None
+        kind = "image" if texts is None else "text" if images is None else "joint"
+        features = Features((kind,), pool, bool(normalize))
+        arrays = {}
+        if images is not None:
+            arrays["image"] = self.image_batch(images)
         if texts is not None:
-            ids, pad = self.texts_to_arrays(texts, padding_mask)
-        kind = (
-            "joint" if image is not None and ids is not None else "image" if ids is None else "text"
-        )
-        feats = self._run(kind, pool, batch_size, image=image, text=ids, pad=pad)
-        return _l2_normalize(feats) if normalize else feats
+            arrays["text"], arrays["text_padding_mask"] = self.texts_to_arrays(texts, padding_mask)
+        return self._encode(features, batch_size, **arrays)
 
     # ---------------------------------------------------------------------------- pictures
     def reconstruct(
@@ -293,10 +279,9 @@ class PretrainedM3AE:
             kwargs["text"], kwargs["text_padding_mask"] = self.texts_to_arrays(texts)
             if len(kwargs["text"]) != len(image):
                 raise ValueError(f"{len(image)} images but {len(kwargs['text'])} texts")
-        key = ("reconstruct", "")
-        if key not in self._jitted:
-            self._jitted[key] = jax.jit(partial(self.model.apply, method=M3AE.reconstruct))
-        pics = self._jitted[key](
+        if self._reconstruct is None:
+            self._reconstruct = jax.jit(partial(self.model.apply, method="reconstruct"))
+        pics = self._reconstruct(
             {"params": self.params}, image, rngs={"noise": jax.random.PRNGKey(seed)}, **kwargs
         )
         return {**jax.tree.map(np.asarray, pics), **kwargs}

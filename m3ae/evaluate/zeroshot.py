@@ -89,9 +89,9 @@ def zeroshot(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Zero-shot top-1 of a model directory on labelled shards, by likelihood and by PMI."""
+    from m3ae.evaluate.probe_exclude import build_exclusion
+    from m3ae.model import normalize
     from m3ae.pretrained import load_pretrained, read_config, read_preprocess
-    from m3ae.probe_exclude import build_exclusion
-    from m3ae.step import normalize
     from pipelines.loader import Loader
     from pipelines.shards import expand_urls
     from pipelines.tokenizer import load_tokenizer, tokenize

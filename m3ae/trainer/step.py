@@ -4,33 +4,15 @@ optimizer, a guard against non-finite steps, and the initial state.
     step = make_train_step(task, tx, config)   # (state, batches) -> (state, metrics)
     init, rng = init_state(task, tx, seed)     # init(rng) -> state
 
-`task` (`m3ae.tasks.Task`) says which model runs and how a batch becomes its inputs, so M3AE and
-the causal LM share this step.
+`task` (`m3ae.trainer.task.Task`) says which model runs and how a batch becomes its inputs, so
+every model family (M3AE, the causal LM) shares this step.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
-
-
-def normalize(images: jax.Array, mean: Any, std: Any) -> jax.Array:
-    """uint8 `(B, H, W, 3)` -> float32 normalized; done on device (4x less to transfer)."""
-    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
-
-
-def model_inputs(batch: dict[str, Any], mean: Any, std: Any) -> dict[str, Any]:
-    """A stream's arrays -> M3AE keyword arguments (absent modalities left out)."""
-    kwargs: dict[str, Any] = {}
-    if "image" in batch:
-        kwargs["image"] = normalize(batch["image"], mean, std)
-    if "text" in batch:
-        kwargs["text"] = batch["text"]
-        kwargs["text_padding_mask"] = batch["text_padding_mask"]
-    return kwargs
 
 
 def accumulate(grad_fn, params, micro, key, accum: int):

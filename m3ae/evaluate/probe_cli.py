@@ -10,17 +10,18 @@
 
     result = probe("runs/demo/model", "fashion-mnist", "ridge", "runs/probe/fm", limit=5000)
 
-Datasets: see `m3ae.probe_data` (`fashion-mnist`, `mnist`, `openclipart`, `shards:`, `folder:`,
+Datasets: see `m3ae.evaluate.probe_data` (`fashion-mnist`, `mnist`, `openclipart`, `shards:`,
+`folder:`,
 `npy:`). Features (the CLS output after the final LayerNorm, or `--pool mean`, unnormalized,
-float32) come from `m3ae.embed` and are cached under `OUT/features/`, so a second run with
-another evaluator embeds nothing. Evaluators (`m3ae.probe`): `ridge`, `linear` (the paper's
+float32) come from `m3ae.evaluate.embed` and are cached under `OUT/features/`, so a second run with
+another evaluator embeds nothing. Evaluators (`m3ae.evaluate.probe`): `ridge`, `linear` (the paper's
 LARS probe, base LR swept on a held-out split unless `--opt base_lr=`), `logistic` (weight-decay
 sweep on a held-out split, then refit), `knn` (DINO's weighted kNN: cosine, k = 20, T = 0.07)
 and `fewshot` (ridge at 1/5/10/25 shots x 5 seeds, plus the full-train ridge probe);
 `--opt KEY=VALUE` passes an evaluator option (JSON values). `--random-init` probes the same
 architecture with freshly initialised weights (the baseline a pretrained encoder must beat).
 
-Samples the model trained on are left out of both parts, by key (`m3ae.probe_exclude`): the
+Samples the model trained on are left out of both parts, by key (`m3ae.evaluate.probe_exclude`): the
 keys of the shards in the model directory's `trained_on` record (also for `--random-init` of
 that model, so both see the same sets; `--no-exclude-trained` keeps them), of
 `--exclude-shards URLS` and of `--exclude-keys FILE`.
@@ -46,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from m3ae.probe import (
+from m3ae.evaluate.probe import (
     EVALUATORS,
     FEWSHOT_SEEDS,
     FEWSHOT_SHOTS,
@@ -56,14 +57,14 @@ from m3ae.probe import (
     save_confusion_png,
     save_result_json,
 )
-from m3ae.probe_data import (
+from m3ae.evaluate.probe_data import (
     DATASET_HELP,
     DEFAULT_CACHE,
     Features,
     dataset_features,
     resolve_dataset,
 )
-from m3ae.probe_exclude import apply_exclusion, build_exclusion
+from m3ae.evaluate.probe_exclude import apply_exclusion, build_exclusion
 
 CHOICES = (*EVALUATORS, "fewshot")
 EVALUATOR_HELP = (

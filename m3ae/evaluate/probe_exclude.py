@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from m3ae.probe_data import Features
+from m3ae.evaluate.probe_data import Features
 from pipelines.shards import expand_urls, shard_keys
 
 IMAGE_STREAMS = ("paired", "image_only")  # trainer streams whose samples are images

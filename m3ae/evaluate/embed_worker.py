@@ -1,7 +1,8 @@
 """The embedding engine behind `m3ae embed`: one worker (the driver, or a Ray actor) that holds
-the model once, encodes a partition's batches sharded over its local devices, and writes the
-partition's `.npy` / `.parquet` files atomically. Planning, the manifest and the CLI are in
-`m3ae/embed.py`.
+the model once, encodes a partition's batches sharded over its local devices through the shared
+encode path (`m3ae.encode`: every kind in one forward, padded, normalized and cast on device),
+and writes the partition's `.npy` / `.parquet` files atomically. Planning, the manifest and the
+CLI are in `m3ae/evaluate/embed.py`.
 
 A shard that is missing, cannot be opened or breaks off (`SHARD_ERRORS`, as `read_shard` reports
 them) still gets its files, holding the rows read before the damage, but its record says
@@ -19,27 +20,21 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from m3ae.model import M3AE
+from m3ae.encode import KINDS, Encoder, Features, Pending, fetch
 from m3ae.pretrained import load_pretrained
-from m3ae.step import model_inputs
 from pipelines.loader import IMAGE_EXTS, Example, Loader, Stats, make_example
 from pipelines.shards import RawSample, read_shard
 from pipelines.tokenizer import load_tokenizer, tokenize
 
-PREFIX = {"image": "img", "text": "text", "joint": "joint"}
-KINDS = tuple(PREFIX)
+PREFIX = {"image": "img", "text": "text", "joint": "joint"}  # one for each of KINDS
 PEEK_SHARDS = 3  # shards tried, in order, to see what the samples hold
-MODEL_INPUTS = ("image", "text", "text_padding_mask")
 MAX_PIXELS = 50_000_000  # the Loader's default
 # Skip reasons meaning the shard was not read to its end: its partition is not finished.
 SHARD_ERRORS = ("unreadable_shard", "corrupt_tar", "truncated_tar")
@@ -77,32 +72,6 @@ def partition_files(out: Path, index: int, kinds: Iterable[str]) -> list[Path]:
     return [*files, out / "metadata" / f"metadata_{index}.parquet"]
 
 
-def _forward(model: M3AE, s: Settings, params: Any, batch: dict[str, jax.Array]) -> dict:
-    inputs = model_inputs(batch, s.mean, s.std)
-    image = {k: v for k, v in inputs.items() if k == "image"}
-    text = {k: v for k, v in inputs.items() if k != "image"}
-    parts = {"image": image, "text": text, "joint": {**image, **text}}
-    out = {}
-    for kind in s.kinds:
-        pooled, _ = model.apply({"params": params}, **parts[kind], pool=s.pool, method=M3AE.encode)
-        pooled = pooled.astype(jnp.float32)  # normalise before rounding to float16
-        if s.normalize:
-            pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-        out[kind] = pooled.astype(s.dtype)  # cast on device: half the bytes to copy back
-    return out
-
-
-def padded_size(n: int, batch_size: int, devices: int) -> int:
-    """Rows to run `n` samples as: a power-of-two bucket (so a last partial batch per partition
-    compiles one of log2(batch_size) shapes, not a new one each time), a multiple of `devices`."""
-    bucket = batch_size if n >= batch_size else min(batch_size, 1 << max(0, n - 1).bit_length())
-    return -(-bucket // devices) * devices
-
-
-def _fetch(out: dict[str, jax.Array], n: int) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v)[:n] for k, v in out.items()}  # waits; drops the padding rows
-
-
 class _CaptionLoader(Loader):
     """The Loader, also handing out each sample's caption for the metadata."""
 
@@ -118,12 +87,11 @@ class Embedder:
     def __init__(self, settings: Settings, out_dir: str):
         self.s, self.out = settings, Path(out_dir)
         model, params = load_pretrained(settings.model_dir)
-        devices = jax.local_devices()
-        mesh = Mesh(np.asarray(devices), ("batch",))
-        self.devices, self.rows = len(devices), NamedSharding(mesh, P("batch"))
-        self.dim, every = model.emb_dim, NamedSharding(mesh, P())
-        self.params = jax.device_put(params, every)
-        self.forward = jax.jit(partial(_forward, model, settings), in_shardings=(every, self.rows))
+        mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
+        self.encoder = Encoder(model, settings.mean, settings.std, mesh, ("batch",))
+        self.features = Features(settings.kinds, settings.pool, settings.normalize, settings.dtype)
+        self.devices, self.rows = self.encoder.devices, self.encoder.rows
+        self.dim, self.params = model.emb_dim, self.encoder.place(params)
         kinds = set(settings.kinds)
         needs_image, self.needs_text = bool(kinds - {"text"}), bool(kinds - {"image"})
         both = needs_image and self.needs_text
@@ -132,19 +100,18 @@ class Embedder:
         for path in partition_files(self.out, 0, settings.kinds):
             path.parent.mkdir(parents=True, exist_ok=True)
 
-    def dispatch(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, jax.Array], int]:
+    def forward(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The jitted forward of a batch already padded and placed on `self.rows`."""
+        return self.encoder.forward(params, batch, self.features)
+
+    def dispatch(self, arrays: dict[str, np.ndarray]) -> Pending:
         """Start the forward pass of n samples, split over the devices: `(kind -> rows, n)`.
         Returns without waiting, so the host prepares the next batch while the devices work."""
-        n = len(next(iter(arrays.values())))
-        extra = padded_size(n, self.s.batch_size, self.devices) - n
-        # Padding repeats the last row: a valid input, dropped again after the copy back.
-        pad = lambda v: np.pad(v, [(0, extra)] + [(0, 0)] * (v.ndim - 1), mode="edge")
-        batch = {k: pad(v) for k, v in arrays.items() if k in MODEL_INPUTS}
-        return self.forward(self.params, jax.device_put(batch, self.rows)), n
+        return self.encoder.dispatch(self.params, arrays, self.features, self.s.batch_size)
 
     def embed_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Model inputs of n samples -> `kind -> (n, D)` numpy arrays."""
-        return _fetch(*self.dispatch(arrays))
+        return fetch(self.dispatch(arrays))
 
     def _shard(self, part: Partition) -> tuple[Batches, Stats]:
         try:
@@ -229,7 +196,7 @@ class Embedder:
     def run(self, part: Partition, tick: Callable[[int], Any] | None = None) -> dict[str, Any]:
         """Embed and write one partition; returns its manifest record."""
         start, tick = time.perf_counter(), tick or (lambda n: None)
-        pending: deque[tuple[dict[str, jax.Array], int]] = deque()
+        pending: deque[Pending] = deque()
         rows: list[dict[str, np.ndarray]] = []
         meta: dict[str, list] = {"key": [], "url": [], "caption": [], "label": []}
         batches, stats = self._files(part) if part.files else self._shard(part)
@@ -237,13 +204,13 @@ class Embedder:
         for arrays, batch_meta in batches:
             pending.append(self.dispatch(arrays))
             if len(pending) > 2:  # two batches in flight: overlap, with bounded device memory
-                rows.append(_fetch(*pending.popleft()))
+                rows.append(fetch(pending.popleft()))
             for name, values in batch_meta.items():
                 meta[name].extend(values)
             tick(stats.seen - seen)
             seen = stats.seen
         tick(stats.seen - seen)  # samples skipped after the last batch
-        rows += [_fetch(*p) for p in pending]
+        rows += [fetch(p) for p in pending]
         empty = np.zeros((0, self.dim), self.s.dtype)
         arrays = {k: np.concatenate([r[k] for r in rows]) if rows else empty for k in self.s.kinds}
         self._write(part.index, arrays, meta)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from m3ae.probe_eval import Params, standardize, stratified_split
+from m3ae.evaluate.probe_fit import Params, standardize, stratified_split
 
 # Base LRs (peak LR = base_lr * batch / 256) tried when none is given: the paper's 0.1 up to
 # four times MAE's actual 6.4, in factors of 4. Each is one jitted run on 80% of train.

@@ -1,5 +1,5 @@
 """Labelled datasets for `m3ae probe` and the periodic probe: which images, which labels, which
-split, and the features of a model on them (through `m3ae.embed`, cached).
+split, and the features of a model on them (through `m3ae.evaluate.embed`, cached).
 
     spec = resolve_dataset("fashion-mnist", cache_dir="~/.cache/m3ae/probe", limit=2000)
     train, test = dataset_features(spec, "runs/demo/model", "out/features", pool="cls")
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from m3ae.probe import features_from_npy
+from m3ae.evaluate.probe import features_from_npy
 from pipelines.shards import expand_urls
 
 TEST_FRACTION = 0.2
@@ -50,7 +50,8 @@ DEFAULT_CACHE = os.path.join(os.environ.get("M3AE_CACHE", "~/.cache/m3ae"), "pro
 @dataclass
 class Dataset:
     """A resolved spec: `parts` maps "train"/"test" (or "all", split by key hash) to the inputs
-    of `m3ae.embed` (shard urls or an image folder); `arrays` holds npy features instead."""
+    of `m3ae.evaluate.embed` (shard urls or an image folder); `arrays` holds npy features
+    instead."""
 
     name: str
     parts: dict[str, Any] = field(default_factory=dict)
@@ -203,9 +204,9 @@ def dataset_features(
     progress: bool = True,
 ) -> tuple[Features, Features, dict[str, Any]]:
     """(train, test, record): the model's image features of each part, embedded into
-    `feature_dir/<part>` by `m3ae.embed` (a rerun embeds nothing), labelled, split by key
+    `feature_dir/<part>` by `m3ae.evaluate.embed` (a rerun embeds nothing), labelled, split by key
     hash when the dataset is one set. `record` says how many partitions each part computed."""
-    from m3ae.embed import embed
+    from m3ae.evaluate.embed import embed
 
     record: dict[str, Any] = {}
     feats: dict[str, Features] = {}

@@ -57,7 +57,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from m3ae.embedder import (
+from m3ae.evaluate.embed_worker import (
     KINDS,
     SHARD_ERRORS,
     Embedder,
