@@ -44,7 +44,7 @@ from m3ae.evaluate.embed_worker import Embedder, Partition, Settings
 from m3ae.model import M3AE, model_config
 from m3ae.pretrained import save_pretrained
 from pipelines.images import CC12M_MEAN, CC12M_STD
-from pipelines.shard_sources import labelled_records
+from pipelines.shard_records import labelled_records
 from pipelines.shard_writer import write_shards
 
 BATCH, WORKERS = 64, 4  # the CLI's defaults

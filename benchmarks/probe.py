@@ -41,8 +41,8 @@ from m3ae.evaluate.probe import classification_metrics, run_probe
 from m3ae.evaluate.probe_fit import LOGISTIC_WEIGHT_DECAYS, standardize, stratified_split
 from m3ae.model import M3AE, model_config
 from m3ae.pretrained import load_pretrained, save_pretrained
+from pipelines.datasets import load_fashion_mnist
 from pipelines.images import CC12M_MEAN, CC12M_STD
-from pipelines.sources import load_fashion_mnist
 
 # The paper's LARS recipe barely moves the weights on ~10k samples (see linear_scores);
 # 6.4 is MAE's actual peak LR, as in tests/test_probe.py.

@@ -66,7 +66,7 @@ def build_shards(px: int) -> Path:
     """`SHARD_IMAGES[px]` openclipart drawings rendered at `px` px, written once and reused."""
     out = HERE / ".data" / f"train-shards-{px}px"
     if not (out / "stats.json").exists():  # the writer's last file: present means complete
-        from pipelines.shard_sources import openclipart_records
+        from pipelines.shard_records import openclipart_records
         from pipelines.shard_writer import write_shards
 
         records = openclipart_records(size=px, limit=SHARD_IMAGES[px], shuffle_seed=0, workers=2)

@@ -34,6 +34,10 @@ MOVED = {
     "m3ae.zeroshot": "m3ae.evaluate.zeroshot",
     "m3ae.api": "m3ae.pretrained_m3ae",
     "m3ae.safe_pickle": "pipelines.safe_pickle",
+    # After `import m3ae` (which installs this table) only:
+    "pipelines.sources": "pipelines.datasets",
+    "pipelines.shard_sources": "pipelines.shard_records",
+    "pipelines.text_sources": "pipelines.text_documents",
 }
 
 

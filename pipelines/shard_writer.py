@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.shard_sources import (
+from pipelines.shard_records import (
     Record,
     RecordStream,
     Skip,

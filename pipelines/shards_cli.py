@@ -18,7 +18,8 @@ import os
 import sys
 from typing import Any
 
-from pipelines.shard_sources import (
+from pipelines.datasets import OPENCLIPART_ROOT
+from pipelines.shard_records import (
     DEFAULT_TEMPLATE,
     LABELLED,
     RecordStream,
@@ -27,7 +28,6 @@ from pipelines.shard_sources import (
     openclipart_records,
 )
 from pipelines.shard_writer import reasons_text, summary_text, write_shards
-from pipelines.sources import OPENCLIPART_ROOT
 from pipelines.text_shards import run_shakespeare_shards
 
 

@@ -4,7 +4,7 @@
     for batch in loader:      # batch.arrays: tokens, targets, segment_ids, positions, loss_mask
         ...                   # batch.state: pass to TextLoader(..., state=...) to resume
 
-Documents come from tars, JSONL or .txt files (`pipelines.text_sources`) through the same
+Documents come from tars, JSONL or .txt files (`pipelines.text_documents`) through the same
 `ShardStream` as images: seeded shard order and shuffle buffer per epoch and host, each process
 reading its own shards. Each document becomes `[EOS] + bpe(text)` (EOS = 50256 acts as BOS); the
 documents are concatenated into one token stream that is cut into rows of `L + 1` tokens:
@@ -44,7 +44,7 @@ import numpy as np
 from pipelines.loader import Batch, Starvation, Stats
 from pipelines.shards import RawSample, check_shards, host_shards
 from pipelines.stream import ShardStream
-from pipelines.text_sources import expand_text_urls, read_documents, tokenize_documents
+from pipelines.text_documents import expand_text_urls, read_documents, tokenize_documents
 from pipelines.tokenizer import GPT2_EOS, load_gpt2_tokenizer
 
 PAD = GPT2_EOS  # padding token value; padding is recognised by segment id 0, never by value

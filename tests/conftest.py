@@ -24,7 +24,7 @@ def reference() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def clipart_shards(tmp_path_factory) -> list[str]:
     """Real shards written by `m3ae shards` from openclipart: ~96 drawings at 64 px, 4 shards."""
-    from pipelines.shard_sources import openclipart_records
+    from pipelines.shard_records import openclipart_records
     from pipelines.shard_writer import write_shards
 
     out = tmp_path_factory.mktemp("clipart")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipelines.loader import Loader, caption_dropped
-from pipelines.shard_sources import labelled_records
+from pipelines.shard_records import labelled_records
 from pipelines.shard_writer import write_shards
 
 

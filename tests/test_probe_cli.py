@@ -18,8 +18,8 @@ from m3ae.evaluate.probe_cli import probe
 from m3ae.evaluate.probe_data import in_test, read_embeddings
 from m3ae.model import M3AE, model_config
 from m3ae.pretrained import save_pretrained
+from pipelines.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from pipelines.shards import read_shard, shard_keys
-from pipelines.sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 FAST = ["--no-progress", "--batch-size", "128", "--workers", "2"]
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.datasets import FASHION_MNIST_CLASSES, ScanResult, scan_openclipart
 from pipelines.shard_writer import (
     Record,
     Skip,
@@ -22,7 +23,6 @@ from pipelines.shard_writer import (
     write_shards,
 )
 from pipelines.shards_cli import add_shards_command, run_shards
-from pipelines.sources import FASHION_MNIST_CLASSES, ScanResult, scan_openclipart
 
 
 def _tars(out: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Tests for pipelines.sources against the real installed data (openclipart-svg, Fashion-MNIST).
+"""Tests for pipelines.datasets against the real installed data (openclipart-svg, Fashion-MNIST).
 
 The Debian packages are installed by the project's setup script, so their absence is a failure
 carrying the install hint, never a skip.
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import sources
-from pipelines.sources import (
+from pipelines import datasets
+from pipelines.datasets import (
     FASHION_MNIST_CLASSES,
     OpenclipartItem,
     iter_openclipart,
@@ -49,7 +49,7 @@ def test_scan_finds_whole_collection(items):
     keys = [i.key for i in items]
     assert len(set(keys)) == len(keys)
     assert all("." not in k and "/" not in k for k in keys)  # filename- and webdataset-safe
-    rels = [i.path.relative_to(sources.OPENCLIPART_ROOT).as_posix() for i in items]
+    rels = [i.path.relative_to(datasets.OPENCLIPART_ROOT).as_posix() for i in items]
     assert rels == sorted(rels)  # deterministic order
     # 663 files are symlinks; `canonical` names the real file so splits can group duplicates.
     linked = [i for i, rel in zip(items, rels, strict=True) if i.canonical != rel]

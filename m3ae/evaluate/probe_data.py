@@ -121,7 +121,7 @@ def resolve_dataset(
     cache = Path(cache_dir).expanduser()
     tag = f"n{limit}" if limit else "all"
     if spec in ("fashion-mnist", "mnist"):
-        from pipelines.shard_sources import labelled_records
+        from pipelines.shard_records import labelled_records
 
         parts = {}
         for split in ("train", "test"):
@@ -129,7 +129,7 @@ def resolve_dataset(
             parts[split] = _cached_shards(cache / f"{spec}-{split}-{tag}", make, "png", progress)
         return Dataset(spec, parts, classes=_classes_json(parts["train"]))
     if spec == "openclipart":
-        from pipelines.shard_sources import openclipart_records
+        from pipelines.shard_records import openclipart_records
 
         make = lambda: openclipart_records(  # noqa: E731
             size=render_size, limit=limit, shuffle_seed=0, workers=workers

@@ -20,7 +20,7 @@ parts alike. The set is the union of:
 
 Openclipart: `m3ae shards --source openclipart` and the probe's own `openclipart` dataset both
 key a drawing by its path under the SVG root (`animals/cat.svg` -> `animals--cat`,
-`pipelines.sources.scan_openclipart`), whatever the size, order, subset or shard it was written
+`pipelines.datasets.scan_openclipart`), whatever the size, order, subset or shard it was written
 with, so the demo's training shards exclude exactly their drawings from the probe.
 
 Exclusion filters the features after they are read from the cache, so the cache holds every

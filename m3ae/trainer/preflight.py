@@ -33,7 +33,7 @@ VAL_HOOKS = ("val_loss", "crossmodal")
 
 def url_sets(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
     """`config key -> shard urls` of every url set the run will read."""
-    from pipelines.text_sources import expand_text_urls
+    from pipelines.text_documents import expand_text_urls
 
     data, out = config.data, {}
     text = "urls" in data  # the LM's data config: one text url set (tars, JSONL, .txt)

@@ -26,8 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from pipelines.images import MAX_PIXELS, ImageError, decode_image
-from pipelines.sources import (
+from pipelines.datasets import (
     FASHION_MNIST_CLASSES,
     OPENCLIPART_ROOT,
     OpenclipartItem,
@@ -38,6 +37,7 @@ from pipelines.sources import (
     render_svg,
     scan_openclipart,
 )
+from pipelines.images import MAX_PIXELS, ImageError, decode_image
 
 FILE_COLUMNS = ("file", "filename", "path", "image")
 CAPTION_COLUMNS = ("caption", "text", "title")
