@@ -176,7 +176,7 @@ def test_a_task_is_found_by_its_family_name():
         with pytest.raises(ValueError, match="known families"):
             make_task(ml_collections.ConfigDict({"task": bad}))
     with pytest.raises(ValueError, match="config.task is None"):
-        make_task(ml_collections.ConfigDict())
+        make_task(ml_collections.ConfigDict({"task": None}))
 
 
 def test_hooks_are_passed_by_the_task_not_registered():
@@ -188,3 +188,16 @@ def test_hooks_are_passed_by_the_task_not_registered():
     assert run_hooks(ctx, hooks) == {"a/x": 1.0, "b/step": 3.0}
     with pytest.raises(KeyError, match=r"'b'; known hooks: \['a'\]"):
         run_hooks(ctx, {"a": hooks["a"]})
+
+
+def test_a_config_without_a_task_field_is_m3ae(clipart_shards):
+    """Config files written before `config.task` existed keep training M3AE."""
+    from m3ae.trainer.task import make_task
+
+    urls = [
+        "data.paired.urls=" + "::".join(clipart_shards[1:]),
+        f"data.val_urls={clipart_shards[0]}",
+    ]
+    config = load_config("m3ae_pretrain:tiny", urls)
+    del config["task"]
+    assert make_task(config).name == "M3AE tiny"

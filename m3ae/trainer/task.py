@@ -63,13 +63,14 @@ class Task:
 
 
 def make_task(config: ml_collections.ConfigDict, workdir: Path | None = None) -> Task:
-    """The task of the family named by `config.task`: `<task>.task.get_task(config, workdir)`.
+    """The task of the family named by `config.task` (default "m3ae"):
+    `<task>.task.get_task(config, workdir)`.
 
     `workdir` is where the family may keep what it derives before training (None: nowhere).
     Raises ValueError naming `config.task`, the module tried and the families found when the
     name is missing, malformed or names no family.
     """
-    name = config.get("task", None)
+    name = config.get("task", "m3ae")  # configs written before `task` existed are M3AE's
     module = f"{name}.task"
 
     def unknown(why: str) -> ValueError:
