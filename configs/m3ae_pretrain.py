@@ -122,6 +122,12 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
             feeder_cpus=1.0,  # Ray CPUs reserved per feeder actor
             feeder_prefetch=2,  # batch requests in flight per feeder actor (bounds memory)
             feeder_max_restarts=3,  # restarts of one dead feeder before the run fails
+            # The feeders' CPUs are reserved up front (one placement group); a cluster that cannot
+            # hold them fails the run after this many seconds, naming its free resources.
+            feeder_placement_timeout_s=30.0,
+            # A placed feeder that produces no batch for this long (its first one includes
+            # start-up) is stuck: the run fails instead of waiting.
+            feeder_batch_timeout_s=600.0,
         )
     )
 

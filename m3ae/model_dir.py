@@ -18,6 +18,10 @@ layout. Nothing is ever unpickled: Orbax writes tensorstore arrays and the confi
 This module knows no model family: the caller passes the module class and its `Format`. Importing
 it loads neither flax nor Orbax (Orbax is imported when parameters are read or written, the
 transformer's block stacking when a layout is converted).
+
+A directory may also be an `s3://` / `gs://` URL (`pipelines.storage`, `m3ae.orbax_storage`): it is
+written and read the same way; its tokenizer is saved through a local temporary folder and, on
+reading, copied into one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from m3ae.orbax_storage import orbax_directory, orbax_options
+from pipelines import storage
 from pipelines.images import CC12M_MEAN, CC12M_STD
 
 TOKENIZER_DIR = "tokenizer"
@@ -77,10 +84,10 @@ def check_config(config: Mapping[str, Any], module_cls: type) -> None:
 def read_config(directory: str | os.PathLike, fmt: Format) -> dict[str, Any]:
     """The parsed `config.json` of a directory of format `fmt`, with a clear error (naming
     `fmt.what`) when the directory has none or another format."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
+    path = storage.resolve(directory) / "config.json"
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{directory} is not a {fmt.what} directory: no config.json")
-    meta = json.loads(path.read_text())
+    meta = json.loads(storage.read_text(path))
     if meta.get("format") != fmt.tag:
         raise ValueError(
             f"{path}: format {meta.get('format')!r} is not a {fmt.what} one ({fmt.tag})"
@@ -119,9 +126,11 @@ def read_preprocess(directory: str | os.PathLike, fmt: Format) -> dict[str, Any]
     try:
         prep = check_preprocess(section)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{Path(directory) / 'config.json'}: bad preprocess section: {e}") from e
-    tok = Path(directory).absolute() / TOKENIZER_DIR
-    prep["tokenizer_dir"] = str(tok) if tok.is_dir() else None
+        raise ValueError(f"{directory}/config.json: bad preprocess section: {e}") from e
+    tok = storage.resolve(directory) / TOKENIZER_DIR
+    if storage.is_url(tok) and storage.is_dir(tok):
+        tok = storage.download(tok)  # the tokenizer loader reads local files
+    prep["tokenizer_dir"] = str(tok) if storage.is_dir(tok) else None
     return prep
 
 
@@ -162,23 +171,23 @@ def to_layout(params: Mapping[str, Any], scan: bool, stacks: Sequence[str]) -> d
     return out
 
 
-def write_params(directory: Path, params: Any, overwrite: bool) -> None:
+def write_params(directory: Any, params: Any, overwrite: bool) -> None:
     """Save `params` under `directory/params` with Orbax; every process of a multi-host job
     calls this (Orbax synchronises the hosts). FileExistsError when there already are some and
     not `overwrite`."""
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
-    if (directory / "params").exists():
+    if storage.exists(directory / "params"):
         if not overwrite:
             raise FileExistsError(f"{directory} already holds a saved model")
         if jax.process_index() == 0:
-            shutil.rmtree(directory / "params")
+            storage.remove(directory / "params")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"m3ae-write-params-{directory}")
-    directory.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / "params", jax.tree.map(np.asarray, params))
+    storage.makedirs(directory)
+    checkpointer = ocp.StandardCheckpointer(**orbax_options(directory))
+    checkpointer.save(orbax_directory(directory / "params"), jax.tree.map(np.asarray, params))
     checkpointer.wait_until_finished()
 
 
@@ -186,7 +195,8 @@ def restore_params(directory: str | os.PathLike) -> dict[str, Any]:
     """The parameters under `directory/params`, as saved (host arrays, unrolled layout)."""
     import orbax.checkpoint as ocp
 
-    return ocp.StandardCheckpointer().restore(Path(directory).absolute() / "params")
+    checkpointer = ocp.StandardCheckpointer(**orbax_options(directory))
+    return checkpointer.restore(orbax_directory(storage.resolve(directory) / "params"))
 
 
 # ------------------------------------------------------------------------ whole directory
@@ -201,8 +211,8 @@ def save_model(
     tokenizer: Any = None,
     trained_on: Mapping[str, str | Sequence[str] | None] | None = None,
     meta: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a directory of format `fmt`; returns its absolute path.
+) -> Any:
+    """Write a directory of format `fmt` (local or a URL); returns its absolute path.
 
     `config` (checked against `module_cls`'s fields) is saved as `model`, `params` under
     `params/` in the unrolled layout, `meta` as extra top-level keys. `preprocess` holds any of
@@ -213,7 +223,7 @@ def save_model(
     against the working directory). Every process of a multi-host job calls this; only process
     0 writes files other than the parameters.
     """
-    directory = Path(directory).absolute()
+    directory = storage.resolve(directory)
     check_config(config, module_cls)
     if preprocess is None and tokenizer is not None:
         raise ValueError("a tokenizer is saved with its preprocess settings: pass preprocess too")
@@ -224,17 +234,30 @@ def save_model(
     out = {"format": fmt.tag, "model": dict(config), **(meta or {})}
     if trained_on is not None:
         out["trained_on"] = trained_on_record(trained_on)
-    if (directory / TOKENIZER_DIR).exists():
-        shutil.rmtree(directory / TOKENIZER_DIR)  # no stale files of an earlier save
+    storage.remove(directory / TOKENIZER_DIR)  # no stale files of an earlier save
     if prep is not None:
         out["preprocess"] = prep
         if tokenizer is None:
             from pipelines.tokenizer import load_tokenizer  # transformers: only when needed
 
             tokenizer = load_tokenizer(prep["tokenizer"] or None)
-        tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-    (directory / "config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+        save_tokenizer(tokenizer, directory / TOKENIZER_DIR)
+    storage.write_text(directory / "config.json", json.dumps(out, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def save_tokenizer(tokenizer: Any, target: Any) -> None:
+    """A Hugging Face tokenizer's files into `target`: directly, or uploaded from a local
+    temporary folder when `target` is a URL."""
+    if not storage.is_url(target):
+        tokenizer.save_pretrained(str(target))
+        return
+    local = tempfile.mkdtemp(prefix="m3ae-tokenizer-")
+    try:
+        tokenizer.save_pretrained(local)
+        storage.upload(local, target)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def load_model(

@@ -34,6 +34,7 @@ from m3ae.pretrained import save_pretrained
 from m3ae.trainer.hooks import EvalContext
 from m3ae.trainer.sharding import global_batch, replicated
 from m3ae.trainer.task import Task
+from pipelines import storage
 from pipelines.loader import Loader
 from pipelines.mix import STREAMS, build_loaders
 
@@ -104,7 +105,9 @@ def resolve_tokenizer(
     directory; any other value is returned as it is.
 
     Every process learns the same vocabulary (deterministic); process 0 keeps it in the workdir,
-    the others in a private directory, so no two processes write one file.
+    the others in a private directory, so no two processes write one file. With an `s3://` /
+    `gs://` workdir process 0 learns it locally and uploads it (`vocab.txt` last), and a resumed
+    run downloads it; the config names the local copy, which the tokenizer loader reads.
     """
     spec = str(config.data.get("tokenizer", "") or "")
     if not spec.startswith(CAPTION_VOCAB):
@@ -121,18 +124,25 @@ def resolve_tokenizer(
         raise ValueError(f"data.tokenizer={spec!r} needs paired or text-only training shards")
     if workdir is None:
         raise ValueError(f"data.tokenizer={spec!r} is learnt into a workdir; none was given")
-    final = Path(workdir) / "tokenizer"
-    if jax.process_index() != 0:
+    stored = storage.resolve(workdir) / "tokenizer"  # where the run keeps it
+    keeper = jax.process_index() == 0
+    remote = storage.is_url(stored)
+    final = stored
+    if not keeper or remote:  # a private local copy
         final = Path(tempfile.mkdtemp(prefix="m3ae-vocab-")) / "tokenizer"
+    if keeper and remote and storage.is_file(stored / "vocab.txt"):
+        storage.download(stored, final)
     if not (final / "vocab.txt").is_file():
         scratch = Path(tempfile.mkdtemp(prefix="m3ae-vocab-", dir=final.parent))
         train_caption_vocab(urls, scratch / "tokenizer", size)
         shutil.rmtree(final, ignore_errors=True)  # a partial one from a killed run
         os.replace(scratch / "tokenizer", final)
         shutil.rmtree(scratch, ignore_errors=True)
-        if jax.process_index() == 0:
+        if keeper and remote:
+            storage.upload(final, stored, last="vocab.txt")
+        if keeper:
             tokens = len((final / "vocab.txt").read_text().splitlines())
-            print(f"learnt a {tokens}-token caption vocabulary (at most {size}) into {final}")
+            print(f"learnt a {tokens}-token caption vocabulary (at most {size}) into {stored}")
     out = ml_collections.ConfigDict(config.to_dict())
     out.data.tokenizer = str(final)
     return out
@@ -299,11 +309,12 @@ def save_pictures(
     mean,
     std,
     step: int,
-    workdir: Path,
+    workdir: Any,
     mesh,
     tokenizer_dir: str | None = None,
-) -> Path:
-    """The reconstruction grid for the held-out pictures (fixed masks: the same every time).
+) -> Any:
+    """The reconstruction grid for the held-out pictures (fixed masks: the same every time),
+    saved as `<workdir>/reconstruction_<step>.png` (a local file, or uploaded to a URL workdir).
 
     Paired pictures also get their captions and predicted masked words, decoded with the
     tokenizer in `tokenizer_dir` (`config.data.tokenizer or None`; None = bundled BERT-uncased).
@@ -319,7 +330,7 @@ def save_pictures(
         ),
         out_shardings=replicated(mesh),
     )(params)
-    path = workdir / f"reconstruction_{step:06d}.png"
+    path = storage.resolve(workdir) / f"reconstruction_{step:06d}.png"
     if jax.process_index() == 0:
         from pipelines.tokenizer import load_tokenizer  # transformers: only once pictures are due
 
@@ -330,7 +341,13 @@ def save_pictures(
                 "text_padding_mask": np.asarray(pictures["text_padding_mask"]),
                 "tokenizer": load_tokenizer(tokenizer_dir),  # cached: no reload every N steps
             }
+        local = path
+        if storage.is_url(path):
+            local = Path(tempfile.mkdtemp(prefix="m3ae-pictures-")) / path.name
         save_reconstruction_grid(
-            path, jax.device_get(pics), np.asarray(mean), np.asarray(std), **text
+            local, jax.device_get(pics), np.asarray(mean), np.asarray(std), **text
         )
+        if local != path:
+            storage.write_bytes(path, local.read_bytes())
+            shutil.rmtree(local.parent, ignore_errors=True)
     return path

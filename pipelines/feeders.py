@@ -1,7 +1,8 @@
 """A host's stream split into K round-robin sub-streams, fed by threads or by Ray actors.
 
     loader = SplitLoader(urls, streams=4, batch_size=64, seed=0, process_index=0, process_count=1)
-    pool = RayFeederPool(urls, streams=4, batch_size=64, ..., cpus=1.0, prefetch=2)
+    pool = RayFeederPool(urls, streams=4, batch_size=64, ..., cpus=1.0, prefetch=2,
+                         placement_timeout_s=30, batch_timeout_s=600)
     for batch in pool:                # the same Batch objects, in the same order, as SplitLoader
         ...                           # batch.state resumes either of them
 
@@ -15,12 +16,20 @@ state `{"next": j % K, "subs": [last state consumed from each sub-stream]}` resu
 The same property makes a dead actor harmless: a new one restarted from the state of the last
 batch consumed from its sub-stream produces exactly the batches its predecessor would have.
 `state["stats"]` sums the sub-streams' counters (for logging; ignored when restoring).
+
+The pool reserves its K feeders' CPUs up front, as one placement group of K bundles
+(`data.feeder_cpus` each, spread over nodes where it can), and every actor, a restarted one too,
+runs in its sub-stream's bundle. A cluster that cannot hold the pool fails the run within
+`data.feeder_placement_timeout_s` with one line naming the free resources, instead of actors
+that wait for CPUs forever; a placed feeder that then produces nothing for
+`data.feeder_batch_timeout_s` is stuck and fails the run too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -29,8 +38,9 @@ from pipelines.loader import Batch, Loader, Stats
 from pipelines.shards import expand_urls, host_shards
 
 log = logging.getLogger(__name__)
-# A feeder that has produced nothing for this long is stuck (typically: never placed).
-FEEDER_TIMEOUT_S = 600
+# Defaults of data.feeder_placement_timeout_s and data.feeder_batch_timeout_s (see the config).
+PLACEMENT_TIMEOUT_S = 30.0  # for the cluster to reserve the pool's CPUs
+BATCH_TIMEOUT_S = 600.0  # for a placed feeder's next batch (a first one includes actor start-up)
 
 RAY_NOT_INITIALIZED = (
     "data.feeders='ray' needs a running Ray cluster, but ray.is_initialized() is False: "
@@ -205,6 +215,28 @@ class Feeder:
         return out
 
 
+def describe(resources: dict[str, float]) -> str:
+    """Ray resources in one short line: `CPU=1.5, memory=3.2GB, ...` (per-node markers left out)."""
+    parts = []
+    for name, value in sorted(resources.items()):
+        if name.startswith("node:"):
+            continue
+        text = f"{value / 1e9:.1f}GB" if "memory" in name else f"{value:g}"
+        parts.append(f"{name}={text}")
+    return ", ".join(parts) or "nothing"
+
+
+def _remove_group(group: Any) -> None:
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    if ray.is_initialized():  # after ray.shutdown() the group is gone with the job anyway
+        try:
+            remove_placement_group(group)
+        except Exception:  # noqa: BLE001 - already removed, or the cluster is going down
+            pass
+
+
 class RayFeederPool(_RoundRobin):
     """The K sub-streams in Ray actors, `prefetch` requests ahead each; restarts dead actors."""
 
@@ -216,6 +248,8 @@ class RayFeederPool(_RoundRobin):
         prefetch: int = 2,
         max_restarts: int = 3,
         per_request: int = 1,
+        placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+        batch_timeout_s: float = BATCH_TIMEOUT_S,
         **kwargs: Any,
     ):
         import ray  # only this feeder needs Ray
@@ -223,23 +257,58 @@ class RayFeederPool(_RoundRobin):
         if not ray.is_initialized():
             raise RuntimeError(RAY_NOT_INITIALIZED)
         super().__init__(urls, streams, **kwargs)
+        for name, value in (
+            ("feeder_placement_timeout_s", placement_timeout_s),
+            ("feeder_batch_timeout_s", batch_timeout_s),
+        ):
+            if not value > 0:
+                raise ValueError(f"data.{name} must be > 0 seconds, got {value!r}")
         self._ray = ray
         self.prefetch, self.per_request = max(1, int(prefetch)), max(1, int(per_request))
         self.max_restarts = int(max_restarts)
-        # max_restarts=0: Ray's own restart would replay from the initial state, we know better.
-        self._cls = ray.remote(Feeder).options(num_cpus=cpus, max_restarts=0, max_task_retries=0)
-        self._cpus = cpus
+        self.batch_timeout_s = float(batch_timeout_s)
+        self._cpus = float(cpus)
         self.actors: list[Any] = [None] * self.streams
         self.restarts = [0] * self.streams
         self._inflight: list[deque[Any]] = [deque() for _ in range(self.streams)]
         self._ready: list[deque[dict[str, Any]]] = [deque() for _ in range(self.streams)]
         self._ended = [False] * self.streams
+        self.group = self._place(float(placement_timeout_s))
+        # max_restarts=0: Ray's own restart would replay from the initial state, we know better.
+        self._options: dict[str, Any] = dict(num_cpus=cpus, max_restarts=0, max_task_retries=0)
+        self._cls = ray.remote(Feeder)
         for k in range(self.streams):  # start all now: they fill while the model compiles
             self._start(k)
 
+    def _place(self, timeout_s: float) -> Any:
+        """Reserve K bundles of `cpus` CPUs (None when the feeders ask for no CPU), or fail in
+        `timeout_s` with one line: the pool's request against the cluster's free resources."""
+        if self._cpus <= 0:
+            return None  # nothing to reserve: the actors start anywhere at once
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        group = placement_group([{"CPU": self._cpus}] * self.streams, strategy="SPREAD")
+        if group.wait(timeout_seconds=timeout_s):
+            self._finalizer = weakref.finalize(self, _remove_group, group)
+            return group
+        free = self._ray.available_resources()  # the pending group holds nothing: truly free
+        remove_placement_group(group)
+        raise RuntimeError(
+            f"the cluster cannot place the data feeders: {self.streams} actors "
+            f"(data.streams_per_host) x data.feeder_cpus={self._cpus:g} CPU = "
+            f"{self.streams * self._cpus:g} CPU were not placed within "
+            f"data.feeder_placement_timeout_s={timeout_s:g} s; free: {describe(free)}; lower "
+            "data.feeder_cpus or data.streams_per_host, or add CPUs to the cluster"
+        )
+
     def _start(self, k: int) -> None:
         """A fresh actor for sub-stream k, resuming after the last batch consumed from it."""
-        self.actors[k] = self._cls.remote(self.sub_kwargs[k], self._last[k])
+        options = dict(self._options)
+        if self.group is not None:  # in its sub-stream's bundle, freed by a dead predecessor
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.group, k)
+        self.actors[k] = self._cls.options(**options).remote(self.sub_kwargs[k], self._last[k])
         self._inflight[k].clear()
         self._ready[k].clear()  # fetched but not consumed: the new actor makes them again
         self._ended[k] = False
@@ -267,7 +336,7 @@ class RayFeederPool(_RoundRobin):
             if not self._inflight[k]:
                 return None  # ended, and everything it made is consumed
             try:
-                got = ray.get(self._inflight[k].popleft(), timeout=FEEDER_TIMEOUT_S)
+                got = ray.get(self._inflight[k].popleft(), timeout=self.batch_timeout_s)
             except lost as e:
                 self._restart(k, e)
                 continue
@@ -278,11 +347,11 @@ class RayFeederPool(_RoundRobin):
                     raise e.cause from None
                 raise
             except ray.exceptions.GetTimeoutError as e:
-                # An actor Ray cannot place (not enough free CPUs) waits forever otherwise.
+                # Placed but silent: a hung read, or a bundle lost with its node and not re-placed.
                 raise RuntimeError(
-                    f"data feeder for sub-stream {k} produced nothing in {FEEDER_TIMEOUT_S} s; "
-                    f"can the cluster place {self.streams} feeder actors of data.feeder_cpus="
-                    f"{self._cpus} CPUs each? free: {ray.available_resources()}"
+                    f"data feeder for sub-stream {k} produced no batch within "
+                    f"data.feeder_batch_timeout_s={self.batch_timeout_s:g} s; "
+                    f"free: {describe(ray.available_resources())}"
                 ) from e
             self._ready[k].extend(got)
             if len(got) < self.per_request:  # the sub-stream ended: later requests are empty
@@ -301,11 +370,13 @@ class RayFeederPool(_RoundRobin):
             self.actors[k] = None
 
     def close(self) -> None:
-        """Kill the actors (also done by Ray when the pool is garbage collected)."""
+        """Kill the actors and free their CPUs (also done when the pool is garbage collected)."""
         for k in range(self.streams):
             self._kill(k)
             self._inflight[k].clear()
             self._ended[k] = True
+        if self.group is not None:
+            self._finalizer()  # removes the placement group, once
 
     def __enter__(self) -> RayFeederPool:
         return self

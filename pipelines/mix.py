@@ -18,7 +18,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.feeders import RayFeederPool, SplitLoader, check_state
+from pipelines.feeders import (
+    BATCH_TIMEOUT_S,
+    PLACEMENT_TIMEOUT_S,
+    RayFeederPool,
+    SplitLoader,
+    check_state,
+)
 from pipelines.loader import Batch, Loader
 
 STREAMS = {"paired": "paired", "image_only": "image", "text_only": "text"}
@@ -103,6 +109,10 @@ def build_loaders(
                 cpus=float(data.get("feeder_cpus", 1.0)),
                 prefetch=int(data.get("feeder_prefetch", 2)),
                 max_restarts=int(data.get("feeder_max_restarts", 3)),
+                placement_timeout_s=float(
+                    data.get("feeder_placement_timeout_s", PLACEMENT_TIMEOUT_S)
+                ),
+                batch_timeout_s=float(data.get("feeder_batch_timeout_s", BATCH_TIMEOUT_S)),
                 **kwargs,
             )
     return loaders

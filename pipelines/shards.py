@@ -1,8 +1,10 @@
 """Reading webdataset shards into raw samples, without ever failing on bad bytes.
 
-A shard is a tar file (local path, `pipe:` command or a remote URL that webdataset's `gopen`
-can open: http(s) via curl, `gs://` via gsutil, ...) or a plain text / JSONL file whose lines are
-text-only samples. A sample is the group of consecutive tar members that share a key
+A shard is a tar file (local path, `s3://` / `gs://` object read through fsspec by
+`pipelines.storage`, `pipe:` command or another URL that webdataset's `gopen` can open: http(s)
+via curl, ...) or a plain text / JSONL file whose lines are text-only samples. Object-store
+URLs expand like local paths: brace patterns, globs, and a prefix that holds objects lists
+its tars. A sample is the group of consecutive tar members that share a key
 (`dir/key.jpg`, `dir/key.txt`, `dir/key.json` -> key `dir/key`), as webdataset defines it.
 
 `read_shard` yields `RawSample`s in file order, each with its shard URL and ordinal. Damage is
@@ -33,6 +35,8 @@ from typing import Any
 
 from braceexpand import braceexpand
 
+from pipelines import storage
+
 TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
 # What a shard directory contributes: tar files, plain or compressed (tarfile reads them all).
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -60,7 +64,9 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
             for url in braceexpand(part.strip()):
                 if not url:
                     continue
-                if is_remote(url):
+                if storage.is_url(url):
+                    urls.extend(_expand_object_url(url))
+                elif is_remote(url):
                     urls.append(url)
                 elif os.path.isdir(url):
                     found = sorted(
@@ -83,16 +89,55 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def _expand_object_url(url: str) -> list[str]:
+    """An `s3://` / `gs://` shard spec: a glob, a shard (by its suffix, without asking the
+    store), or a prefix with objects under it (its tars); anything else is kept as it is."""
+    if any(c in url for c in "*?["):
+        found = storage.glob(url)
+        if not found:
+            raise FileNotFoundError(f"no objects match {url}")
+        return found
+    if url.lower().endswith(TAR_SUFFIXES + TEXT_FILE_SUFFIXES) or not storage.is_dir(url):
+        return [url]
+    base = url.rstrip("/")
+    found = [f"{base}/{n}" for n in storage.listdir(base) if n.lower().endswith(TAR_SUFFIXES)]
+    if not found:
+        raise FileNotFoundError(f"no .tar/.tar.gz/.tgz shards under {url}")
+    return found
+
+
 def is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
+
+
+def _missing(urls: Sequence[str], source: str) -> list[str]:
+    """The local files and `s3://` / `gs://` objects of `urls` that do not exist (one listing
+    per object-store prefix, not one request per shard); other remote URLs are not checked."""
+    listed: dict[str, set[str]] = {}
+    missing = []
+    for url in urls:
+        if storage.is_url(url):
+            parent, _, name = url.rstrip("/").rpartition("/")
+            if parent not in listed:
+                try:
+                    listed[parent] = set(storage.listdir(parent))
+                except Exception as e:  # noqa: BLE001 - credentials, network, no bucket, ...
+                    raise FileNotFoundError(
+                        f"{source}: cannot list {parent}: {type(e).__name__}: {e}"
+                    ) from e
+            if name not in listed[parent]:
+                missing.append(url)
+        elif not is_remote(url) and not os.path.isfile(url):
+            missing.append(url)
+    return missing
 
 
 def check_shards(urls: Sequence[str], source: str = "shards") -> None:
     """One clear error, before any work, when `urls` cannot be read at all: no local shard is a
     file, or a remote list whose first shard does not open (`source` names the option). Some
-    missing local shards (a partial download) are one warning; each is then skipped and counted
-    as `unreadable_shard` where the stream reaches it."""
-    missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
+    missing local shards or `s3://` / `gs://` objects (a partial download or upload) are one
+    warning; each is then skipped and counted as `unreadable_shard` where the stream reaches it."""
+    missing = _missing(urls, source)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         what = (
@@ -102,10 +147,11 @@ def check_shards(urls: Sequence[str], source: str = "shards") -> None:
         if len(missing) == len(urls):
             raise FileNotFoundError(what)
         print(f"pipelines: warning: {what}; they are skipped and counted", flush=True)
-    remote = [u for u in urls if is_remote(u)]
+    # Other remote URLs (http, pipe:): the first must open. Objects were listed above.
+    remote = [u for u in urls if is_remote(u) and not storage.is_url(u)]
     if remote:
         try:
-            with _open(remote[0]) as stream:
+            with open_shard(remote[0]) as stream:
                 stream.read(1)
         except Exception as e:  # noqa: BLE001 - any opener failure means: cannot read it
             raise FileNotFoundError(
@@ -139,7 +185,10 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise
 
 
-def _open(url: str):
+def open_shard(url: str):
+    """A binary stream of a shard: `s3://` / `gs://` through fsspec, others through gopen."""
+    if storage.is_url(url):
+        return storage.open_read(url)
     from webdataset import gopen
 
     return gopen(url, "rb")
@@ -157,7 +206,7 @@ def _read_tar(url: str, skip: int) -> Iterator[RawSample]:
     index = 0
     current: RawSample | None = None
     try:
-        stream = _open(url)
+        stream = open_shard(url)
     except Exception as e:  # noqa: BLE001 - any opener failure is this shard's failure
         if skip == 0:
             yield RawSample(f"{url}#0", url, 0, error="unreadable_shard")
@@ -209,7 +258,7 @@ def shard_keys(url: str) -> list[str]:
         return []  # text-only lines: no image samples
     keys: list[str] = []
     if is_remote(url):
-        stream = _open(url)  # a remote shard can only be streamed: read, still not decoded
+        stream = open_shard(url)  # a remote shard can only be streamed: read, still not decoded
         tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo)
     else:
         stream = None
@@ -237,7 +286,7 @@ def _read_text_file(url: str, skip: int) -> Iterator[RawSample]:
     """Each non-blank line is a text-only sample; JSONL lines give `text` or `caption`."""
     jsonl = url.lower().endswith((".jsonl", ".json"))
     try:
-        stream = _open(url)
+        stream = open_shard(url)
     except Exception as e:  # noqa: BLE001
         if skip == 0:
             yield RawSample(f"{url}#0", url, 0, error="unreadable_shard")

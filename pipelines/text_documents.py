@@ -27,8 +27,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from pipelines import storage
 from pipelines.loader import UNSAFE_EXTS
-from pipelines.shards import RawSample, expand_urls, read_shard
+from pipelines.shards import RawSample, expand_urls, open_shard, read_shard
 from pipelines.tokenizer import GPT2_EOS
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -43,7 +44,13 @@ def expand_text_urls(spec: str | Sequence[str]) -> list[str]:
     parts = [p.strip() for item in specs for p in str(item).split("::") if p.strip()]
     urls: list[str] = []
     for part in parts:
-        if os.path.isdir(part):
+        if storage.is_url(part) and not any(c in part for c in "*?[{") and storage.is_dir(part):
+            base = part.rstrip("/")
+            found = [f for pat in _DIR_PATTERNS for f in storage.glob(f"{base}/{pat}")]
+            if not found:
+                raise FileNotFoundError(f"no *.tar, *.jsonl or *.txt files under {part}")
+            urls.extend(found)
+        elif os.path.isdir(part):
             found = [f for pat in _DIR_PATTERNS for f in sorted(glob.glob(os.path.join(part, pat)))]
             if not found:
                 raise FileNotFoundError(f"no *.tar, *.jsonl or *.txt files in directory {part}")
@@ -70,10 +77,7 @@ def read_documents(url: str, skip: int = 0, text_field: str = "text") -> Iterato
         yield from read_shard(url, skip)
 
 
-def _open(url: str):
-    from webdataset import gopen
-
-    return gopen(url, "rb")
+_open = open_shard  # s3:// and gs:// through fsspec, the rest through webdataset's gopen
 
 
 def _read_text_file(url: str) -> RawSample:

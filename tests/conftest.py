@@ -51,6 +51,10 @@ MARKERS: dict[str, tuple[str, ...]] = {
     # --- whole files
     # An embedded Ray, a two-host JAX job over jax.distributed, `ray job submit`, a lost host.
     "test_launch.py": (SLOW, RAY, MULTIPROCESS),
+    # A multi-node Ray on 127.0.0.1 whose nodes are killed, frozen or told to stop under a job.
+    "test_cluster_faults.py": (SLOW, RAY, MULTIPROCESS),
+    # A `ray start --head` cluster with token auth; clients in fresh interpreters.
+    "test_cluster_auth.py": (SLOW, RAY, MULTIPROCESS),
     # The LM recipes train for tens of steps and resume; lm-eval and generate on the result.
     "test_lm_train.py": (SLOW,),
     # --- slow: training for many steps
@@ -67,11 +71,24 @@ MARKERS: dict[str, tuple[str, ...]] = {
     # Training in fresh processes: four XLA devices; a kill during a save.
     "test_four_device_data_fsdp_matches_one_device": (SLOW, MULTIPROCESS),
     "test_kill_during_save_leaves_a_loadable_checkpoint": (SLOW, MULTIPROCESS),
+    # Preemption: SIGTERM to `m3ae train`, then the rerun and a reference run; SIGTERM to one
+    # host of a two-process jax.distributed job; request() from another thread (in process);
+    # request() on one of two jax.distributed processes (no training: a few seconds).
+    "test_sigterm_stops_train_and_the_rerun_resumes_bitwise": (SLOW, MULTIPROCESS),
+    "test_sigterm_to_one_host_stops_both_at_the_same_step": (SLOW, MULTIPROCESS),
+    "test_request_from_another_thread_stops_with_a_checkpoint": (SLOW,),
+    "test_request_on_one_host_stops_both_at_the_same_step": (MULTIPROCESS,),
+    # A workdir and shards on the S3 server of tests/test_object_storage.py: train, kill, resume;
+    # Orbax saves to that server (about 3 s each).
+    "test_killed_run_on_s3_resumes_bitwise_identical": (SLOW, MULTIPROCESS),
+    "test_damaged_s3_checkpoint_falls_back_and_is_moved_aside": (SLOW,),
     # Notebooks executed in a Jupyter kernel.
     "test_transfer_notebook_shows_the_committed_result": (SLOW, MULTIPROCESS),
     "test_quickstart_notebook_executes": (SLOW, MULTIPROCESS),
     # Ray actors (tests that request the `local_ray` fixture are marked below).
     "test_ray_actor_pool_matches_plain_loop": (RAY,),
+    # Waits out a 2 s placement timeout, then starts a pool that fits.
+    "test_a_pool_the_cluster_cannot_place_fails_in_seconds_naming_free_resources": (SLOW,),
     # `python -m m3ae.cli ...` or `python -c ...` in a subprocess.
     "test_train_cli_names_a_mistyped_key": (MULTIPROCESS,),
     "test_batches_split_over_three_devices": (SLOW, MULTIPROCESS),

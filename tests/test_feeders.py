@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -189,3 +190,27 @@ def test_a_feeder_without_usable_samples_gives_the_loaders_one_line(tmp_path, lo
         assert feeders.restarts == [0, 0]
     finally:
         feeders.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_the_cluster_cannot_place_fails_in_seconds_naming_free_resources(
+    clipart_shards, local_ray
+):
+    """3 feeders of 1 CPU on a 2-CPU Ray: one line within the placement timeout, not a hang."""
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as caught:
+        RayFeederPool(clipart_shards, 3, cpus=1.0, placement_timeout_s=2, **args(clipart_shards))
+    waited, message = time.monotonic() - t0, str(caught.value)
+    assert waited < 15, waited
+    assert "\n" not in message
+    assert "data.feeder_placement_timeout_s=2 s" in message
+    assert "3 actors (data.streams_per_host) x data.feeder_cpus=1 CPU = 3 CPU" in message
+    assert re.search(r"free: [^;]*object_store_memory=\d", message), message
+    # The pending reservation is withdrawn, and a pool that fits holds its CPUs until closed.
+    assert all(g["state"] != "PENDING" for g in ray.util.placement_group_table().values())
+    with pool(clipart_shards) as p:
+        assert ray.util.placement_group_table(p.group)["state"] == "CREATED"
+        take(iter(p), 2)
+    assert ray.util.placement_group_table(p.group)["state"] == "REMOVED"
+    with pytest.raises(ValueError, match="data.feeder_batch_timeout_s must be > 0"):
+        RayFeederPool(clipart_shards, 2, batch_timeout_s=0, **args(clipart_shards))

@@ -5,14 +5,12 @@ Every test starts and stops its own Ray cluster (small object store, bound to 12
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,7 @@ ray = pytest.importorskip("ray")
 
 from m3ae.config import load_config  # noqa: E402
 from m3ae.launch import launch  # noqa: E402
+from m3ae.launch.local_cluster import free_port, stop_processes_of  # noqa: E402
 from pipelines.loader import Batch  # noqa: E402
 from pipelines.mix import Batches, build_loaders  # noqa: E402
 
@@ -179,14 +178,11 @@ def test_lost_host_restarts_from_checkpoint(clipart_shards, tmp_path, no_ray_lef
     watcher.join(timeout=5)
     assert killed, "the host was never killed"
     assert summary["restarts"] == 1 and summary["steps"] == 8
-    assert "host actor lost" in (workdir / "launch.log").read_text()
+    assert re.search(
+        r"attempt 1: host 0 lost \(its process died\).*; failures 1/2",
+        (workdir / "launch.log").read_text(),
+    )
     assert sorted(losses(workdir))[-1] == 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_job_submit(clipart_shards, tmp_path):
@@ -241,15 +237,3 @@ def test_ray_job_submit(clipart_shards, tmp_path):
     finally:
         stop_processes_of(temp)  # this cluster only: never `ray stop`, which stops every one
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def stop_processes_of(temp: str) -> None:
-    """SIGKILL every process whose command line names the cluster's temp dir (GCS, raylet,
-    agents, workers, the job's driver), then wait for them to go."""
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any(temp in arg for arg in p.info["cmdline"] or ()):
-            procs.append(p)
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-    psutil.wait_procs(procs, timeout=30)

@@ -34,6 +34,11 @@ to Orbax's files looks the same from every process; a data-state file only one p
 fail on that process alone, which the agreement covers. A tensor file that breaks the restore on
 some processes only is also covered, as long as Orbax's restore returns (raises) on those
 processes rather than waiting for the others.
+
+The workdir may be a local folder or an `s3://` / `gs://` URL (`pipelines.storage` for the data
+states and the moves, `m3ae.orbax_storage` for Orbax): the same checks and the same exact resume.
+On object storage a step is committed by Orbax's `commit_success.txt` instead of a rename, and a
+move aside copies then deletes.
 """
 
 from __future__ import annotations
@@ -43,7 +48,6 @@ import gc
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,13 +56,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from m3ae.orbax_storage import orbax_directory, orbax_options
+from pipelines import storage
+
 PREFIX = "m3ae: checkpoint:"
 
 
 class _Damaged(Exception):
     """A checkpoint step that cannot be used: `path` is the file (or folder) at fault."""
 
-    def __init__(self, path: Path, error: str):
+    def __init__(self, path: Any, error: str):
         super().__init__(f"{path}: {error}")
         self.path, self.error = path, error
 
@@ -67,8 +74,8 @@ class Checkpoints:
     """Save every `every` steps (and when asked), keep the last `keep`, restore the latest."""
 
     def __init__(self, workdir: str | os.PathLike, every: int, keep: int = 3, sync: bool = False):
-        self.workdir = Path(workdir).absolute()
-        self.directory = self.workdir / "checkpoints"
+        self.workdir = storage.resolve(workdir)  # a local Path, or an s3:// / gs:// URL
+        self.directory = orbax_directory(self.workdir / "checkpoints")
         self.every = max(1, int(every))
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -77,6 +84,7 @@ class Checkpoints:
                 enable_async_checkpointing=not sync,
                 # Orbax's interval is the default; we decide ourselves (final step, preemption).
                 save_interval_steps=1,
+                **orbax_options(self.directory),
             ),
             item_names=("state", "config"),
         )
@@ -84,18 +92,15 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def _data_path(self, step: int) -> Path:
+    def _data_path(self, step: int) -> Any:
         return self.workdir / "data_state" / str(step) / f"process_{jax.process_index()}.json"
 
     def save(self, step: int, state: Any, data_state: Any, config: dict, force: bool = False):
         """Start an asynchronous save of `step` if it is due (or `force`); returns if it did."""
         if not force and step % self.every:
             return False
-        path = self._data_path(step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data_state))
-        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+        # Atomic: a reader sees the whole file or none (a rename locally, one PUT remotely).
+        storage.write_text(self._data_path(step), json.dumps(data_state))
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -163,7 +168,7 @@ class Checkpoints:
             raise problem or _Damaged(step_dir, "another process could not restore its arrays")
         return restored.state, data_state
 
-    def _verify(self, step: int, step_dir: Path, abstract_state: Any) -> Any:
+    def _verify(self, step: int, step_dir: Any, abstract_state: Any) -> Any:
         """Everything short of reading the arrays; returns this process's data state."""
         state_dir = step_dir / "state"
         required = {state_dir / "_METADATA"}
@@ -172,10 +177,13 @@ class Checkpoints:
             step_dir / "config" / "metadata",
             state_dir / "_METADATA",
             state_dir / "_sharding",
-            *sorted((state_dir / "array_metadatas").glob("*")),
+            *(
+                state_dir / "array_metadatas" / n
+                for n in storage.listdir(state_dir / "array_metadatas")
+            ),
         ]
         for path in json_files:
-            if path in required or path.exists():
+            if path in required or storage.exists(path):
                 _read_json(path)
         handler = ocp.StandardCheckpointHandler()
         try:
@@ -188,7 +196,7 @@ class Checkpoints:
         # Last, as the only per-process file: up to here every process reads the same files and
         # raises (ValueError) or returns alike, before they agree in `_attempt`.
         data_path = self._data_path(step)
-        if not data_path.exists():
+        if not storage.exists(data_path):
             raise _Damaged(
                 data_path,
                 "missing (this process's data-iterator state; or was the checkpoint written "
@@ -226,7 +234,7 @@ class Checkpoints:
             if jax.process_index() == 0:
                 dest = self._move_step(step, damage)
             where = f"moved to {dest}" if dest else "process 0 moves it aside"
-            error = damage.error.replace(f"{self.workdir}{os.sep}", "")  # the file is named once
+            error = damage.error.replace(f"{self.workdir}/", "")  # the file is named once
             print(
                 f"{PREFIX} step {step} in {self.directory} is damaged: {damage.path}: {error}; "
                 f"{where}, resuming from step {resumed}",
@@ -238,32 +246,35 @@ class Checkpoints:
             multihost_utils.sync_global_devices("m3ae_checkpoint_moved_aside")
         self.manager.reload()
 
-    def _move_step(self, step: int, damage: _Damaged) -> Path:
+    def _move_step(self, step: int, damage: _Damaged) -> Any:
         root = self.workdir / "checkpoints_damaged"
+        taken = set(storage.listdir(root))
         k = 1
-        while (root / f"{step}.{k}").exists():
+        while f"{step}.{k}" in taken:
             k += 1
         dest = root / f"{step}.{k}"
-        dest.mkdir(parents=True)
-        (dest / "reason.txt").write_text(f"step {step}: {damage}\n")
-        step_dir = self.directory / str(step)
-        if step_dir.exists():
-            os.rename(step_dir, dest / "checkpoint")
-        data_dir = self.workdir / "data_state" / str(step)
-        if data_dir.exists():
-            os.rename(data_dir, dest / "data_state")
+        storage.write_text(dest / "reason.txt", f"step {step}: {damage}\n")
+        for source, name in (
+            (self.directory / str(step), "checkpoint"),
+            (self.workdir / "data_state" / str(step), "data_state"),
+        ):
+            if storage.exists(source):
+                storage.move(source, dest / name)
         return dest
 
     def _prune(self) -> None:
         """Drop data states of steps Orbax no longer keeps (or never committed)."""
         root = self.workdir / "data_state"
-        if jax.process_index() != 0 or not root.is_dir():
+        if jax.process_index() != 0:
+            return
+        names = storage.listdir(root)
+        if not names:
             return
         kept = set(self.manager.all_steps())
         newest = max(kept, default=-1)
-        for child in root.iterdir():
-            if child.name.isdigit() and int(child.name) not in kept and int(child.name) < newest:
-                shutil.rmtree(child, ignore_errors=True)
+        for name in names:
+            if name.isdigit() and int(name) not in kept and int(name) < newest:
+                storage.remove(root / name)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -307,9 +318,9 @@ def _quiet_failed_reads():
             sys.unraisablehook = previous
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Any) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise _Damaged(path, _one_line(exc)) from None
 
@@ -353,7 +364,7 @@ def _one_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _culprit(exc: BaseException, state_dir: Path) -> Path | str:
+def _culprit(exc: BaseException, state_dir: Any) -> Any:
     """The file an Orbax/TensorStore error names (innermost last), else the state folder."""
     files, entries = [], []
     for inner in _chain(exc):

@@ -7,18 +7,26 @@
 
 MFU divides a step's model FLOPs (the task's) by a peak: `logging.peak_flops`, or one measured by
 `measure_matmul_peak` at the start of the run.
+
+The workdir may be an `s3://` / `gs://` URL (`pipelines.storage`). An object cannot be appended
+to, so there `metrics.jsonl` is kept in memory and stored whole after every row (one PUT per
+row: a row written is a row kept, as with the local file's flush); TensorBoard's event files go
+through tensorboardX's own s3/gcs writers, and wandb keeps its files in a local temporary folder.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tempfile
 import time
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import jax
+
+from pipelines import storage
 
 
 def rows_until(lines: list[str], step: int) -> list[str]:
@@ -58,17 +66,25 @@ class MetricsLogger:
         start_step: int = 0,
     ):
         self.enabled = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics.jsonl"
+        workdir = storage.resolve(workdir)
+        self.path = workdir / "metrics.jsonl"
         self._file = self._tb = self._wandb = None
+        self._rows: list[str] | None = None  # an object store's metrics.jsonl, stored whole
         if not self.enabled:
             return
-        if resume:
-            self._keep_until(start_step)
-        self._file = self.path.open("a" if resume else "w")
+        if storage.is_url(workdir):
+            self._rows = []
+            if resume and storage.exists(self.path):
+                self._rows = rows_until(storage.read_text(self.path).splitlines(), start_step)
+            storage.write_text(self.path, "".join(line + "\n" for line in self._rows))
+        else:
+            if resume:
+                self._keep_until(start_step)
+            self._file = self.path.open("a" if resume else "w")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
         if wandb_project:
             try:
                 import wandb
@@ -77,8 +93,9 @@ class MetricsLogger:
                     "logging.wandb_project is set but wandb is not installed: "
                     "pip install 'm3ae[logging]'"
                 ) from e
+            local = tempfile.mkdtemp(prefix="m3ae-wandb-") if storage.is_url(workdir) else workdir
             self._wandb = wandb.init(
-                project=wandb_project, config=config, dir=str(workdir), resume="allow"
+                project=wandb_project, config=config, dir=str(local), resume="allow"
             )
 
     def _keep_until(self, step: int) -> None:
@@ -92,8 +109,13 @@ class MetricsLogger:
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._file.flush()
+        line = json.dumps({"step": step, **metrics})
+        if self._rows is not None:
+            self._rows.append(line)
+            storage.write_text(self.path, "".join(row + "\n" for row in self._rows))
+        else:
+            self._file.write(line + "\n")
+            self._file.flush()
         scalars = flatten(metrics)
         if self._tb is not None:
             for name, value in scalars.items():
@@ -104,13 +126,14 @@ class MetricsLogger:
 
     def image(self, step: int, name: str, path: str | os.PathLike) -> None:
         """A saved picture (PNG) as a TensorBoard / wandb image summary; JSONL keeps its path."""
-        if not self.enabled or not Path(path).is_file():
+        if not self.enabled or not storage.is_file(path):
             return
         if self._tb is not None or self._wandb is not None:
             import numpy as np
             from PIL import Image
 
-            with Image.open(path) as im:
+            source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
+            with Image.open(source) as im:
                 pixels = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
             if self._tb is not None:
                 self._tb.add_image(name, pixels, step, dataformats="HWC")

@@ -6,7 +6,8 @@ A mistake found here costs a second; found by the training loop it costs a compi
 shard list that cannot be read, a run that never takes a step. Checked, each error naming the
 config key and the value:
 - every configured url set (training streams, `data.val_urls`, `eval.probe_urls`, the LM's
-  `data.urls`) expands to shards that exist (local files) or whose first shard opens (remote);
+  `data.urls`) expands to shards that exist (local files and `s3://` / `gs://` objects, one
+  listing per prefix) or whose first shard opens (other remote URLs);
 - each stream's share of the global batch splits evenly over the processes and over the
   devices that hold the batch (mesh `data` x `fsdp`);
 - the image size is a multiple of the patch size;

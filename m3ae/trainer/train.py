@@ -11,7 +11,8 @@ slice of the batch from its own shards, and the jitted step (`m3ae.trainer.step`
 state. Checkpoints (`m3ae.trainer.checkpoint`) hold the state, the RNG and every process's
 data-iterator state: rerunning the same command in the same workdir resumes exactly where it
 stopped. Outputs: `metrics.jsonl` (+ TensorBoard), the task's pictures, `checkpoints/`,
-`summary.json` and the final model in `model/` (the family's model-directory layout).
+`summary.json` and the final model in `model/` (the family's model-directory layout). The
+workdir may be a local folder or an `s3://` / `gs://` URL (`pipelines.storage`).
 
 `train()` reads as its four phases: set-up, resume, loop, finish.
 """
@@ -22,7 +23,6 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,10 +34,12 @@ from m3ae.trainer.checkpoint import Checkpoints
 from m3ae.trainer.hooks import EvalContext, check_hooks, run_hooks
 from m3ae.trainer.metrics import MetricsLogger, measure_matmul_peak
 from m3ae.trainer.optim import make_optimizer
+from m3ae.trainer.preemption import Preemption
 from m3ae.trainer.preflight import check_inputs
 from m3ae.trainer.sharding import global_batch, make_mesh, replicated, tree_shardings
 from m3ae.trainer.step import init_state, make_train_step
 from m3ae.trainer.task import Task, make_task
+from pipelines import storage
 from pipelines.mix import Batches, MixedLoader, Prefetch
 
 
@@ -47,13 +49,19 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     batches: Iterable[Batches] | None = None,
+    preemption: Preemption | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train as `config` says, resuming from `workdir`'s latest checkpoint if there is one.
 
-    `stop_after` ends the run (with a checkpoint) after that many steps of this invocation, as a
-    preemption would; `progress=False` hides the console bar (the launcher draws its own).
-    `batches` replaces the configured shards with any iterable of this process's `Batches`.
-    Returns a summary: steps, first / last loss, seconds, paths, the last evaluation.
+    `stop_after` ends the run (with a checkpoint) after that many steps of this invocation;
+    `progress=False` hides the console bar (the launcher draws its own). `batches` replaces the
+    configured shards with any iterable of this process's `Batches`. `preemption` (default: one
+    made here, its SIGTERM handler installed for the loop) stops the run at the step every
+    process agrees on, with a checkpoint and `"preempted": True` in the summary. `report` is
+    called after every step with `step`, `total_steps`, `time` (`time.time()`), and `loss` and
+    `samples_per_s` when the step wrote a metrics row.
+    Returns a summary: steps, first / last loss, seconds, paths, the last evaluation, preempted.
     """
     # ------------------------------------------------------------------------------- set-up
     # Workdir, mesh, input checks, schedule, optimizer, the task, the state's shapes.
@@ -101,32 +109,45 @@ def train(
     )
 
     # --------------------------------------------------------------------------------- loop
-    # Step, then as due: a metrics row, a checkpoint, pictures, the eval hooks.
+    # Step, then as due: a metrics row, a checkpoint, pictures, the eval hooks; the report. A
+    # preemption stops at the agreed step with a checkpoint (pictures and evals only if due).
     rec = Record(step=start_step)
+    own = preemption is None
+    preemption = (preemption or Preemption()).install()
     meter.reset()  # the first window starts with the loop
-    while rec.step < run.total_steps:
-        t0 = time.perf_counter()
-        step_data = feed.next()
-        meter.wait += time.perf_counter() - t0
-        state, metrics = step_fn(state, global_batch(model_arrays(step_data), run.mesh))
-        rec.step += 1
-        meter.steps += 1
-        step = rec.step
-        stopping = stop_after is not None and step - start_step >= stop_after
-        final = step == run.total_steps or stopping
-        if due(run.config.logging.every, step, final):
-            log_metrics(run, rec, meter, state, metrics, step_data, logger, bar)
-        bar.update(1)
-        run.ckpt.save(step, state, step_data.state, run.config_dict, force=final)
-        every = run.config.logging.get("pictures_every", 0)
-        if run.task.pictures is not None and due(every, step, final):
-            picture = run.task.pictures(state["params"], step, run.workdir, run.mesh)
-            if picture is not None:
-                logger.image(step, "reconstruction", picture)
-        if due(run.config.eval.every, step, final):
-            evaluate(run, rec, state, logger, bar)
-        if stopping:
-            break
+    try:
+        while rec.step < run.total_steps:
+            t0 = time.perf_counter()
+            step_data = feed.next()
+            meter.wait += time.perf_counter() - t0
+            state, metrics = step_fn(state, global_batch(model_arrays(step_data), run.mesh))
+            rec.step += 1
+            meter.steps += 1
+            step = rec.step
+            rec.preempted = preemption.should_stop(step) and step < run.total_steps
+            stopping = rec.preempted or (stop_after is not None and step - start_step >= stop_after)
+            final = step == run.total_steps or stopping
+            logged = due(run.config.logging.every, step, final)
+            if logged:
+                log_metrics(run, rec, meter, state, metrics, step_data, logger, bar)
+            bar.update(1)
+            run.ckpt.save(step, state, step_data.state, run.config_dict, force=final)
+            extras = final and not rec.preempted
+            every = run.config.logging.get("pictures_every", 0)
+            if run.task.pictures is not None and due(every, step, extras):
+                picture = run.task.pictures(state["params"], step, run.workdir, run.mesh)
+                if picture is not None:
+                    logger.image(step, "reconstruction", picture)
+            if due(run.config.eval.every, step, extras):
+                evaluate(run, rec, state, logger, bar)
+            if report is not None:
+                row = {k: rec.last[k] for k in ("loss", "samples_per_s")} if logged else {}
+                report({"step": step, "total_steps": run.total_steps, "time": time.time(), **row})
+            if stopping:
+                break
+    finally:
+        if own:
+            preemption.close()
 
     # ------------------------------------------------------------------------------- finish
     # Close the inputs and sinks, export the model of a completed run, write the summary.
@@ -164,7 +185,7 @@ class Run:
 
     config: ml_collections.ConfigDict  # the task's: as given, or completed by the family
     config_dict: dict[str, Any]  # as given: config.json, the checkpoints, the loggers
-    workdir: Path
+    workdir: Any  # an absolute local Path, or an s3:// / gs:// URL (`storage.resolve`)
     mesh: Any
     task: Task
     tx: optax.GradientTransformation
@@ -180,8 +201,8 @@ class Run:
 
 def set_up(config: ml_collections.ConfigDict, workdir: str, check: bool) -> Run:
     """Everything before the state exists; `check` runs the input checks (configured shards)."""
-    path = Path(workdir).expanduser().absolute()
-    path.mkdir(parents=True, exist_ok=True)
+    path = storage.resolve(workdir)
+    storage.makedirs(path)
     config_dict = json.loads(config.to_json_best_effort())
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     if check:
@@ -231,7 +252,7 @@ def resume(run: Run) -> tuple[Any, int, Any]:
         )
         return state, start_step, data_state
     state = jax.jit(run.init, out_shardings=run.shardings)(run.rng)
-    (run.workdir / "config.json").write_text(json.dumps(run.config_dict, indent=2) + "\n")
+    storage.write_text(run.workdir / "config.json", json.dumps(run.config_dict, indent=2) + "\n")
     return state, 0, None
 
 
@@ -306,6 +327,7 @@ class Record:
     last_eval: dict[str, float] = field(default_factory=dict)  # the last non-empty eval
     eval_cache: dict[str, Any] = field(default_factory=dict)  # the hooks' per-run storage
     since: float = field(default_factory=time.perf_counter)
+    preempted: bool = False  # stopped by a preemption notice
 
 
 def log_metrics(
@@ -368,12 +390,11 @@ def evaluate(run: Run, rec: Record, state: Any, logger: MetricsLogger, bar: tqdm
 # ----------------------------------------------------------------------------------- finish
 def finish(run: Run, rec: Record, state: Any, start_step: int) -> dict[str, Any]:
     """Export the model of a completed run and return (and write) the summary. A rerun of a
-    finished run takes no step: it keeps and returns the summary the run wrote."""
-    params = jax.device_get(
-        jax.jit(lambda p: p, out_shardings=replicated(run.mesh))(state["params"])
-    )
+    finished run takes no step: it keeps and returns the summary the run wrote. A preempted
+    run writes no summary.json: the file stands for a run that ended of its own accord."""
     if rec.step == run.total_steps:  # every process: Orbax synchronises the hosts
-        run.task.save(run.workdir / "model", params, rec.step)
+        replicate = jax.jit(lambda p: p, out_shardings=replicated(run.mesh))
+        run.task.save(run.workdir / "model", jax.device_get(replicate(state["params"])), rec.step)
     summary = {
         "steps": rec.step,
         "first_loss": rec.first_loss,
@@ -381,13 +402,16 @@ def finish(run: Run, rec: Record, state: Any, start_step: int) -> dict[str, Any]
         "seconds": time.perf_counter() - rec.since,
         "model": str(run.workdir / "model"),
         "eval": rec.last_eval,
+        "preempted": rec.preempted,
     }
     line = run.task.describe(rec.last_eval) if run.task.describe is not None else ""
     if run.is_main and line:
         print(line)
+    if rec.preempted:
+        return summary
     done = run.workdir / "summary.json"
-    if rec.step == start_step and done.is_file():  # a rerun of a finished run: keep its figures
-        return json.loads(done.read_text())
+    if rec.step == start_step and storage.is_file(done):  # a finished run's rerun: its figures
+        return json.loads(storage.read_text(done))
     if run.is_main:
-        done.write_text(json.dumps(summary, indent=2) + "\n")
+        storage.write_text(done, json.dumps(summary, indent=2) + "\n")
     return summary
