@@ -38,7 +38,7 @@ def _launch(args: argparse.Namespace) -> int:
     from m3ae.trainer.preemption import EXIT_PREEMPTED
 
     try:
-        summary = _run_launch(launch, args)
+        summary = launch(**_launch_options(args))
     except (CapacityError, GaveUp) as e:  # the job, not the input: one line, exit 1
         print(f"m3ae launch: error: {e}", file=sys.stderr)
         return 1
@@ -53,11 +53,11 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_launch(launch, args: argparse.Namespace) -> dict:
-    return launch(
-        args.config,
-        args.overrides,
-        args.workdir,
+def _launch_options(args: argparse.Namespace) -> dict:
+    return dict(
+        spec=args.config,
+        overrides=args.overrides,
+        workdir=args.workdir,
         address=args.address,
         hosts=args.hosts,
         cpus_per_host=args.cpus_per_host,

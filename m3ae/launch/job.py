@@ -117,11 +117,12 @@ def launch(
     stop = StopRequest()
     stop.install()
     remote = ray.remote(max_concurrency=CONCURRENCY)(HostActor)
-    number, lost_at = 0, None
+    number, lost_at, deadline = 0, None, None
     try:
         while True:
             number += 1
-            deadline = time.time() + capacity_timeout_s
+            # One capacity deadline across placements whose hosts could not start.
+            deadline = deadline or time.time() + capacity_timeout_s
             group = placement.reserve(deadline)
             actors: list[Any] = []
             try:
@@ -129,6 +130,7 @@ def launch(
                 if actors is None:
                     events.note(f"attempt {number}: {where}; placing the hosts again")
                     continue
+                deadline = None
                 coordinator = ray.get(actors[0].coordinator.remote(), timeout=ANSWER_S)
                 _write_hosts(root, where)
                 events.note(
