@@ -155,7 +155,7 @@ class Attempt:
                 )
             if not errors and self.watchdog.stalled(now):
                 return self.stall(now)
-        self.poll()
+        self.poll(wait_s=10.0)  # a short run may end before any progress answer came back
         summary = results[0]
         kind = "preempted" if any(r.get("preempted") for r in results.values()) else "finished"
         return self.ended(kind, summary=summary)
@@ -166,18 +166,24 @@ class Attempt:
         return Outcome(kind, first_step=self.first_step, last_step=last, **fields)
 
     # --------------------------------------------------------------------------- progress
-    def poll(self) -> None:
-        """Collect the answers that arrived and ask the hosts that have no question pending."""
+    def poll(self, wait_s: float = 0.0) -> None:
+        """Collect the answers that arrived (waiting up to `wait_s` for all of them) and ask the
+        hosts that have no question pending."""
         import ray
 
+        if wait_s:  # ask every host afresh, so that the answers describe the end of the run
+            for i, actor in enumerate(self.actors):
+                self._asking[actor.progress.remote()] = i
         if self._asking:
-            ready, _ = ray.wait(list(self._asking), num_returns=len(self._asking), timeout=0)
+            ready, _ = ray.wait(list(self._asking), num_returns=len(self._asking), timeout=wait_s)
             for ref in ready:
                 i = self._asking.pop(ref)
                 try:
-                    self.latest[i] = ray.get(ref)
+                    row = ray.get(ref)
                 except Exception:  # noqa: BLE001 - a lost host shows up through its run
-                    pass
+                    continue
+                if row.get("step", -1) >= self.latest[i].get("step", -1):  # answers may cross
+                    self.latest[i] = row
         asked = set(self._asking.values())
         for i, actor in enumerate(self.actors):
             if i not in asked:
