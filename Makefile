@@ -31,7 +31,7 @@ data/openclipart-64-all/stats.json:
 
 # Lint, format check, the import contracts and the whole test suite (CPU, offline): the CI command.
 test: setup lint
-	$(VENV)/pytest -q
+	$(VENV)/pytest -q --durations=30
 
 # The fast subset, about 2 minutes on 2 cores: every test not marked slow, ray or multiprocess
 # (the marker table is in tests/conftest.py). It covers every package; `make test` is the gate.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -32,6 +33,53 @@ def clipart_shards(tmp_path_factory) -> list[str]:
     summary = write_shards(records, out, samples_per_shard=24, progress=False)
     assert summary["written"] >= 90, summary
     return sorted(str(p) for p in out.glob("*.tar"))
+
+
+S3_BUCKET = "m3ae-test"
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    """`s3://m3ae-test` on a moto server at 127.0.0.1:<free port>, one per test module that asks,
+    with the AWS variables set for this process and the processes it starts (a Ray cluster
+    started after it included); everything restored afterwards."""
+    import logging
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from pipelines import storage
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"]}
+    os.environ.update(env)
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        os.environ.pop(key, None)
+    s3fs.S3FileSystem.clear_instance_cache()  # none built for another endpoint
+    try:
+        storage.filesystem(f"s3://{S3_BUCKET}").mkdir(S3_BUCKET)
+        yield f"s3://{S3_BUCKET}"
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # --- Markers ----------------------------------------------------------------------------------
@@ -78,7 +126,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "test_sigterm_to_one_host_stops_both_at_the_same_step": (SLOW, MULTIPROCESS),
     "test_request_from_another_thread_stops_with_a_checkpoint": (SLOW,),
     "test_request_on_one_host_stops_both_at_the_same_step": (MULTIPROCESS,),
-    # A workdir and shards on the S3 server of tests/test_object_storage.py: train, kill, resume;
+    # A workdir and shards on the S3 server (the `s3` fixture above): train, kill, resume;
     # Orbax saves to that server (about 3 s each).
     "test_killed_run_on_s3_resumes_bitwise_identical": (SLOW, MULTIPROCESS),
     "test_damaged_s3_checkpoint_falls_back_and_is_moved_aside": (SLOW,),

@@ -1,9 +1,10 @@
 """Workdirs and shards on object storage, against a real S3-protocol server on 127.0.0.1.
 
-The server is moto's (`moto[server]`), started once for this file by the `s3` fixture on a free
-loopback port and stopped at the end; the code under test reaches it exactly as it would reach
-AWS or MinIO, through the standard variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...):
-fsspec/s3fs for files, TensorStore's s3 driver (via `m3ae.orbax_storage`) for Orbax's arrays.
+The server is moto's (`moto[server]`), started once for this file by the `s3` fixture of
+`conftest.py` on a free loopback port and stopped at the end; the code under test reaches it
+exactly as it would reach AWS or MinIO, through the standard variables (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, ...): fsspec/s3fs for files, TensorStore's s3 driver (via
+`m3ae.orbax_storage`) for Orbax's arrays.
 `gs://` takes the same code paths (gcsfs, TensorStore's gcs driver) but has no local server here.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,49 +24,6 @@ import numpy as np
 import pytest
 
 from pipelines import storage
-
-BUCKET = "m3ae-test"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """`s3://m3ae-test` on a moto server at 127.0.0.1:<free port>, with the AWS variables set
-    for this process and the processes it starts; everything restored afterwards."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"]}
-    os.environ.update(env)
-    for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        os.environ.pop(key, None)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()  # none built for another endpoint
-    try:
-        storage.filesystem(f"s3://{BUCKET}").mkdir(BUCKET)
-        yield f"s3://{BUCKET}"
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def fresh(s3: str, name: str) -> str:

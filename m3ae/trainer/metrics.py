@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -166,3 +167,27 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 1024, seconds: float = 
         f(a, a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+@dataclass
+class Meter:
+    """Throughput since the last metrics row, against a step's FLOPs and the devices' peak."""
+
+    sizes: dict[str, int]  # global samples per step, by stream
+    flops: dict[str, float]  # one step's: `total` FLOPs and `tokens`
+    peak: float  # FLOP/s of all devices
+    since: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0  # seconds the loop waited for data
+    steps: int = 0
+
+    def rates(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.since
+        return {
+            "samples_per_s": sum(self.sizes.values()) * self.steps / elapsed,
+            "tokens_per_s": self.flops["tokens"] * self.steps / elapsed,
+            "mfu": self.flops["total"] * self.steps / elapsed / self.peak,
+            "data_wait_fraction": self.wait / elapsed,
+        }
+
+    def reset(self) -> None:
+        self.since, self.wait, self.steps = time.perf_counter(), 0.0, 0

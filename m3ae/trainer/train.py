@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from m3ae.trainer.checkpoint import Checkpoints
 from m3ae.trainer.hooks import EvalContext, check_hooks, run_hooks
-from m3ae.trainer.metrics import MetricsLogger, measure_matmul_peak
+from m3ae.trainer.metrics import Meter, MetricsLogger, measure_matmul_peak
 from m3ae.trainer.optim import make_optimizer
 from m3ae.trainer.preemption import Preemption
 from m3ae.trainer.preflight import check_inputs
@@ -90,7 +90,7 @@ def train(
         out_shardings=(run.shardings, replicated(run.mesh)),
         donate_argnums=0,
     )
-    meter = Meter.start(run, feed.sizes)
+    meter = start_meter(run, feed.sizes)
     logger = MetricsLogger(
         run.workdir,
         run.config.logging.tensorboard,
@@ -277,43 +277,19 @@ class Feed:
         self.data.close()
 
 
-@dataclass
-class Meter:
-    """Throughput since the last metrics row, against the task's FLOPs and the devices' peak."""
-
-    sizes: dict[str, int]  # global samples per step, by stream
-    flops: dict[str, float]  # one step's: `total` FLOPs and `tokens`
-    peak: float  # FLOP/s of all devices
-    since: float = field(default_factory=time.perf_counter)
-    wait: float = 0.0  # seconds the loop waited for data
-    steps: int = 0
-
-    @classmethod
-    def start(cls, run: Run, sizes: dict[str, int]) -> Meter:
-        """Prints the run's first line (size, mesh, streams, FLOPs) on process 0."""
-        flops = run.task.flops(sizes)
-        dtype = run.task.model_config.get("dtype", "float32")
-        peak = run.config.logging.peak_flops or measure_matmul_peak(dtype)
-        if run.is_main:
-            n_params = sum(x.size for x in jax.tree.leaves(run.abstract["params"]))
-            print(
-                f"{run.task.name}: {n_params / 1e6:.2f}M parameters, mesh "
-                f"{dict(run.mesh.shape)}, streams {sizes}, {run.total_steps} steps, "
-                f"{flops['total'] / 1e9:.1f} GFLOP/step"
-            )
-        return cls(sizes, flops, peak * jax.device_count())
-
-    def rates(self) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.since
-        return {
-            "samples_per_s": sum(self.sizes.values()) * self.steps / elapsed,
-            "tokens_per_s": self.flops["tokens"] * self.steps / elapsed,
-            "mfu": self.flops["total"] * self.steps / elapsed / self.peak,
-            "data_wait_fraction": self.wait / elapsed,
-        }
-
-    def reset(self) -> None:
-        self.since, self.wait, self.steps = time.perf_counter(), 0.0, 0
+def start_meter(run: Run, sizes: dict[str, int]) -> Meter:
+    """The run's throughput meter; prints the run's first line (size, mesh, streams, FLOPs)."""
+    flops = run.task.flops(sizes)
+    dtype = run.task.model_config.get("dtype", "float32")
+    peak = run.config.logging.peak_flops or measure_matmul_peak(dtype)
+    if run.is_main:
+        n_params = sum(x.size for x in jax.tree.leaves(run.abstract["params"]))
+        print(
+            f"{run.task.name}: {n_params / 1e6:.2f}M parameters, mesh "
+            f"{dict(run.mesh.shape)}, streams {sizes}, {run.total_steps} steps, "
+            f"{flops['total'] / 1e9:.1f} GFLOP/step"
+        )
+    return Meter(sizes, flops, peak * jax.device_count())
 
 
 # ------------------------------------------------------------------------------------- loop
