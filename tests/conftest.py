@@ -35,16 +35,15 @@ def clipart_shards(tmp_path_factory) -> list[str]:
     return sorted(str(p) for p in out.glob("*.tar"))
 
 
-S3_BUCKET = "m3ae-test"
-
-
 @pytest.fixture(scope="module")
 def s3() -> Iterator[str]:
-    """`s3://m3ae-test` on a moto server at 127.0.0.1:<free port>, one per test module that asks,
-    with the AWS variables set for this process and the processes it starts (a Ray cluster
-    started after it included); everything restored afterwards."""
+    """`s3://m3ae-test-<random>` on a moto server at 127.0.0.1:<free port>, one per test module
+    that asks, with the AWS variables set for this process and the processes it starts (a Ray
+    cluster started after it included); everything restored afterwards. The bucket is new each
+    time: moto keeps its buckets in this process across servers."""
     import logging
     import socket
+    import uuid
 
     import s3fs
     from moto.server import ThreadedMotoServer
@@ -70,8 +69,9 @@ def s3() -> Iterator[str]:
         os.environ.pop(key, None)
     s3fs.S3FileSystem.clear_instance_cache()  # none built for another endpoint
     try:
-        storage.filesystem(f"s3://{S3_BUCKET}").mkdir(S3_BUCKET)
-        yield f"s3://{S3_BUCKET}"
+        bucket = f"m3ae-test-{uuid.uuid4().hex[:12]}"
+        storage.filesystem(f"s3://{bucket}").mkdir(bucket)
+        yield f"s3://{bucket}"
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
