@@ -82,6 +82,20 @@ def cli_command(workdir, args):
     return command + ["--workdir", str(workdir)] + [f"--set={a}" for a in args]
 
 
+def two_hosts(args_of, env) -> list[subprocess.Popen]:
+    """Hosts 0 and 1 as `python -c <args_of(i)>`, output captured as text."""
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", *args_of(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
 def kill_all(procs) -> None:
     for p in procs:
         if p.poll() is None:
@@ -213,17 +227,13 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(clipart_shards, tmp_pat
     """Two `jax.distributed` processes (gloo); SIGTERM reaches host 1 only. JAX's preemption
     service agrees on a step: both save it, both report preempted."""
     workdir, coordinator = tmp_path / "job", f"127.0.0.1:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", HOST, coordinator, str(i), str(workdir)]
-            + [str(tmp_path / f"summary_{i}.json"), *overrides(clipart_shards, "optim.steps=60")],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = two_hosts(
+        lambda i: (
+            [HOST, coordinator, str(i), str(workdir), str(tmp_path / f"summary_{i}.json")]
+            + overrides(clipart_shards, "optim.steps=60")
+        ),
+        env,
+    )
     try:
         wait_for_steps(workdir, 2, procs)
         procs[1].send_signal(signal.SIGTERM)
@@ -266,16 +276,7 @@ def test_request_on_one_host_stops_both_at_the_same_step(mode, env):
     """request() from a thread of host 0, with JAX's preemption service (forwarded as SIGTERM
     to JAX's notifier) or without it (our all-gather): both hosts stop at the same step."""
     coordinator = f"127.0.0.1:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", AGREE, coordinator, str(i), mode],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = two_hosts(lambda i: [AGREE, coordinator, str(i), mode], env)
     try:
         outs = [p.communicate(timeout=90)[0] for p in procs]
     finally:
