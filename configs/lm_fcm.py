@@ -44,7 +44,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
             position="rotary",
             tie_embeddings=True,
             dtype="float32",
-            attention_impl="xla",
+            precision="float32",  # "mixed": bfloat16 matmul inputs, float32 all else
+            attention_impl="einsum",
             scan=size == "base",
             remat=False,
             fcm_eta=0.0 if "nofcm" in variants else 0.15,

@@ -85,9 +85,10 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
             unpaired_text_loss_weight=0.5,
             masking="per_example",
             dtype="float32",
+            precision="float32",  # "mixed": bfloat16 matmul inputs, float32 all else
             scan=not local and size not in ("tiny", "mini"),
             remat=False,
-            attention_impl="xla",
+            attention_impl="einsum",
         )
     )
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.fcm import GRANULARITIES, document_starts, fcm_mask, lm_mask, tfcm_mask, tfcm_target_mask
-from m3ae.transformer import Transformer, sincos_1d
+from m3ae.transformer import Transformer, dense, precision_dtypes, sincos_1d
 
 Array = jax.Array
 
@@ -81,7 +81,8 @@ class LM(nn.Module):
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     dtype: str = "float32"
-    attention_impl: str = "xla"
+    precision: str = "float32"  # or "mixed" (bfloat16 matmul inputs) / "bfloat16": PRECISIONS
+    attention_impl: str = "einsum"
     scan: bool = False
     remat: bool = False
     fcm_eta: float = 0.15  # 0 turns FCM off: the plain causal LM
@@ -98,7 +99,7 @@ class LM(nn.Module):
             )
         if self.tfcm and (self.fcm_granularity != "key" or self.fcm_eta <= 0):
             raise ValueError("tfcm needs fcm_granularity='key' and fcm_eta > 0 (lm/fcm.py)")
-        dt = jnp.dtype(self.dtype)
+        dt, mm = precision_dtypes(self.precision, self.dtype)
         V, D = padded_vocab(self.vocab_size), self.width
         small = nn.initializers.normal(0.02)
         self.embed = nn.Embed(V, D, embedding_init=small, dtype=dt)
@@ -116,9 +117,10 @@ class LM(nn.Module):
             self.attention_impl,
             rotary=self.position == "rotary",
             rope_base=self.rope_base,
+            matmul_dtype=mm,
         )
         if not self.tie_embeddings:
-            self.head = nn.Dense(V, use_bias=False, kernel_init=small, dtype=dt)
+            self.head = dense(V, None, dt, mm, use_bias=False, kernel_init=small)
 
     # ------------------------------------------------------------------------------- pieces
     def embed_tokens(self, tokens: Array, positions: Array) -> Array:

@@ -39,11 +39,12 @@ from m3ae.model_dir import Format
 from m3ae.patches import gather_tokens, patchify, unpatchify
 from m3ae.transformer import (
     Transformer,
-    dense_init,
     padding_mask,
+    precision_dtypes,
     sincos_1d,
     sincos_2d,
 )
+from m3ae.transformer import dense as core_dense
 
 if TYPE_CHECKING:
     from m3ae.pretrained_m3ae import PretrainedM3AE
@@ -119,9 +120,10 @@ class M3AE(nn.Module):
     unpaired_text_loss_weight: float = 0.5
     masking: str = "per_example"  # or "per_batch" (the original's)
     dtype: str = "float32"
+    precision: str = "float32"  # or "mixed" (bfloat16 matmul inputs) / "bfloat16": PRECISIONS
     scan: bool = False
     remat: bool = False
-    attention_impl: str = "xla"
+    attention_impl: str = "einsum"
 
     # Its input convention (uint8 stream arrays -> keyword arguments), for code that holds the
     # module but does not import this file (the encode path, `PretrainedM3AE`).
@@ -141,21 +143,27 @@ class M3AE(nn.Module):
 
         return PretrainedM3AE.load(directory, cls, **overrides)
 
+    @property
+    def compute_dtype(self) -> Any:
+        """The activations' dtype under `precision` (float32 unless pure bfloat16)."""
+        return precision_dtypes(self.precision, self.dtype)[0]
+
     def setup(self) -> None:
         if self.masking not in MASKING_MODES:
             raise ValueError(f"masking must be one of {MASKING_MODES}, got {self.masking!r}")
-        dt = jnp.dtype(self.dtype)
+        dt, mm = precision_dtypes(self.precision, self.dtype)
         D, Dd = self.emb_dim, self.dec_emb_dim
         P = self.patch_size * self.patch_size * 3
         small = nn.initializers.normal(0.02)
 
         def dense(n: int) -> nn.Dense:
-            return nn.Dense(n, kernel_init=dense_init, dtype=dt, param_dtype=jnp.float32)
+            return core_dense(n, None, dt, mm)
 
         def stack(depth: int, heads: int) -> Transformer:
             return Transformer(
-                depth, heads, self.mlp_ratio, dt, self.scan, self.remat, self.attention_impl
-            )
+                depth, heads, self.mlp_ratio, dt, self.scan, self.remat, self.attention_impl,
+                matmul_dtype=mm,
+            )  # fmt: skip
 
         self.cls_token = self.param("cls_token", small, (1, 1, D))
         self.image_embed = dense(D)
@@ -199,7 +207,7 @@ class M3AE(nn.Module):
         return text_padding_mask
 
     def _cls(self, batch: int) -> Array:
-        return jnp.broadcast_to(self.cls_token, (batch, 1, self.emb_dim)).astype(self.dtype)
+        return jnp.broadcast_to(self.cls_token, (batch, 1, self.emb_dim)).astype(self.compute_dtype)
 
     # ------------------------------------------------------------------------ unmasked encoder
     def encode(
@@ -225,7 +233,7 @@ class M3AE(nn.Module):
         if text is not None:
             parts.append(self.embed_text(text))
             pads.append(text_padding_mask.astype(jnp.float32))
-        x = jnp.concatenate([p.astype(self.dtype) for p in parts], axis=1)  # (B, 1+N+L, D)
+        x = jnp.concatenate([p.astype(self.compute_dtype) for p in parts], axis=1)  # (B, 1+N+L, D)
         pad = jnp.concatenate(pads, axis=1)  # (B, 1+N+L)
         tokens, _ = self.encoder(x, padding_mask(pad))
         if pool == "cls":
@@ -316,7 +324,9 @@ class M3AE(nn.Module):
             parts.append(gather_tokens(self.embed_text(text), text_mask.keep_ids))  # (B, K_txt, D)
             pads.append(jnp.take_along_axis(text_padding_mask, text_mask.keep_ids, axis=1))
 
-        x = jnp.concatenate([p.astype(self.dtype) for p in parts], axis=1)  # (B, 1+K_img+K_txt, D)
+        x = jnp.concatenate(
+            [p.astype(self.compute_dtype) for p in parts], axis=1
+        )  # (B, 1+K_img+K_txt, D)
         encoded, _ = self.encoder(x, padding_mask(jnp.concatenate(pads, axis=1)))
         out["encoder_output"] = encoded
 
@@ -398,7 +408,7 @@ class M3AE(nn.Module):
             parts.append(full + sincos_1d(L, Dd)[None] + self.dec_text_type)
             pads.append(text_padding_mask.astype(jnp.float32))
 
-        z = jnp.concatenate([p.astype(self.dtype) for p in parts], axis=1)  # (B, 1+N+L, Dd)
+        z = jnp.concatenate([p.astype(self.compute_dtype) for p in parts], axis=1)  # (B, 1+N+L, Dd)
         z, _ = self.decoder(z, padding_mask(jnp.concatenate(pads, axis=1)))
         z_img = z[:, 1 : 1 + N] if image is not None else None  # (B, N, Dd)
         z_txt = z[:, 1 + N :] if text is not None else None  # (B, L, Dd)

@@ -10,7 +10,11 @@ same code.
 Masks are boolean, broadcastable to `(B, H, Lq, Lk)`, and True means "this query may attend to
 this key". Build them with `padding_mask`, `causal_mask` and `combine_masks`.
 
-Parameters are float32; `dtype` sets the compute dtype (float32 or bfloat16). `scan=True` runs the
+Parameters are float32. `dtype` sets the compute dtype (float32 or bfloat16); `matmul_dtype=
+jnp.bfloat16` with `dtype=float32` is the mixed-precision policy: every matmul (the Dense layers and
+the attention's two dots) takes bfloat16 inputs and accumulates and returns float32, and everything
+else (LayerNorm, softmax, GELU, the residual stream) stays float32. `precision_dtypes` maps the
+models' `precision` names onto the two. `scan=True` runs the
 blocks under `nn.scan` (parameters stacked on a leading depth axis under `blocks/`), `remat=True`
 recomputes each block's activations in the backward pass. `stack_blocks` / `unstack_blocks`
 convert between the two parameter layouts.
@@ -33,11 +37,85 @@ Array = jax.Array
 Dtype = Any
 
 LAYERNORM_EPS = 1e-6
-# Attention paths. "xla" and "cudnn" go through jax.nn.dot_product_attention; "einsum" spells the
-# softmax out and fills masked logits with -1e7 exactly as the original M3AE code did.
+# Attention paths. "einsum" (the default) spells the softmax out and fills masked logits with -1e7
+# exactly as the original M3AE code did, with heads as the leading batch axis of every dot (the
+# fastest path on CPU); "xla" and "cudnn" go through jax.nn.dot_product_attention (cudnn: the
+# fused kernel on NVIDIA GPUs).
 ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
 
 dense_init = nn.initializers.xavier_uniform()
+
+# Compute policies by name (the models' `precision` field): (activation dtype, matmul input dtype).
+PRECISIONS = {
+    "float32": (jnp.float32, None),
+    "mixed": (jnp.float32, jnp.bfloat16),  # bfloat16 matmul inputs, float32 everything else
+    "bfloat16": (jnp.bfloat16, None),  # everything bfloat16 (parameters stay float32)
+}
+
+
+def precision_dtypes(precision: str, dtype: str = "float32") -> tuple[Dtype, Dtype | None]:
+    """`(dtype, matmul_dtype)` for a model's `precision` name; the older `dtype="bfloat16"`
+    field alone still means the pure bfloat16 policy."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    if jnp.dtype(dtype) != jnp.float32:
+        if precision != "float32":
+            raise ValueError(f"precision={precision!r} needs dtype='float32', got {dtype!r}")
+        return jnp.dtype(dtype), None
+    return PRECISIONS[precision]
+
+
+def mixed_einsum(spec: str, a: Array, b: Array, dtype: Dtype) -> Array:
+    """`jnp.einsum(spec, a, b)` with `dtype` inputs and float32 accumulation and result, in the
+    backward pass too: both gradient einsums take `dtype` inputs (the cotangent cast once) and
+    return float32. JAX's own transpose would multiply the float32 cotangent by the `dtype`
+    operand, i.e. run every backward matmul in float32. `spec` names every index of each operand
+    in the other operand or the output (true of a Dense layer and of attention)."""
+    ins, out = spec.split("->")
+    spec_a, spec_b = ins.split(",")
+
+    @jax.custom_vjp
+    def product(a: Array, b: Array) -> Array:
+        return jnp.einsum(
+            spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32
+        )
+
+    def forward(a: Array, b: Array):
+        return product(a, b), (a.astype(dtype), b.astype(dtype))
+
+    def backward(saved, g: Array):
+        a16, b16 = saved
+        g16 = g.astype(dtype)
+        da = jnp.einsum(f"{out},{spec_b}->{spec_a}", g16, b16, preferred_element_type=jnp.float32)
+        db = jnp.einsum(f"{spec_a},{out}->{spec_b}", a16, g16, preferred_element_type=jnp.float32)
+        return da.astype(a.dtype), db.astype(b.dtype)
+
+    product.defvjp(forward, backward)
+    return product(a, b)
+
+
+def matmul_inputs(matmul_dtype: Dtype | None):
+    """A `dot_general` for `nn.Dense` under the mixed policy (`mixed_einsum` over the last axis
+    of the input and the kernel's first). None: flax's own `lax.dot_general`."""
+    if matmul_dtype is None:
+        return None
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        del precision, preferred_element_type  # float32 accumulation and result, always
+        if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
+            raise ValueError(f"mixed precision Dense: unexpected contraction {dimension_numbers}")
+        return mixed_einsum("...k,kn->...n", lhs, rhs, matmul_dtype)
+
+    return dot_general
+
+
+def dense(features: int, name: str | None, dtype: Dtype, matmul_dtype: Dtype | None = None, **kw):
+    """The core's Dense layer: xavier-uniform kernel, float32 parameters, the given policy."""
+    kw.setdefault("kernel_init", dense_init)
+    return nn.Dense(
+        features, dtype=dtype, param_dtype=jnp.float32, dot_general=matmul_inputs(matmul_dtype),
+        name=name, **kw,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- position embeddings
@@ -109,17 +187,35 @@ def apply_rotary(x: Array, positions: Array, base: float = 10000.0) -> Array:
     return out.astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str = "xla") -> Array:
-    """Multi-head attention. q, k, v: `(B, L, H, Dh)`; mask: `(B|1, H|1, Lq, Lk)`; out like q."""
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None,
+    impl: str = "einsum",
+    matmul_dtype: Dtype | None = None,
+) -> Array:
+    """Multi-head attention. q, k, v: `(B, L, H, Dh)`; mask: `(B|1, H|1, Lq, Lk)`; out like q.
+    With `matmul_dtype` ("einsum" only) both dots take that dtype and return float32."""
     if impl == "einsum":
         scale = q.shape[-1] ** -0.5
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale  # (B, H, Lq, Lk)
+        if matmul_dtype is None:
+            product = jnp.einsum
+        else:
+            product = lambda spec, a, b: mixed_einsum(spec, a, b, matmul_dtype)  # noqa: E731
+        # Heads first, so each dot is a plain batched matmul over (B, H): on XLA:CPU this takes
+        # ~0.7x the time of the layout-preserving einsums (benchmarks/README.md, step_speed).
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # each (B, H, L, Dh)
+        logits = product("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale  # (B, H, Lq, Lk)
         if mask is not None:
             logits = jnp.where(mask, logits, -1e7)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = product("bhqk,bhkd->bhqd", weights, v)  # (B, H, Lq, Dh)
+        return out.transpose(0, 2, 1, 3)  # (B, Lq, H, Dh)
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if matmul_dtype is not None:
+        raise ValueError(f"the mixed precision policy needs attention_impl='einsum', got {impl!r}")
     if mask is not None:
         # dot_product_attention wants a 4-D mask; broadcast the batch/head dims it may lack.
         mask = jnp.broadcast_to(mask, (q.shape[0], *mask.shape[1:]))
@@ -131,19 +227,17 @@ class Attention(nn.Module):
 
     num_heads: int
     dtype: Dtype = jnp.float32
-    impl: str = "xla"
+    impl: str = "einsum"
     rotary: bool = False
     rope_base: float = 10000.0
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None, positions: Array | None = None) -> Array:
         B, L, D = x.shape
         if D % self.num_heads:
             raise ValueError(f"width {D} is not divisible by num_heads {self.num_heads}")
-        dense = lambda n, name: nn.Dense(  # noqa: E731
-            n, kernel_init=dense_init, dtype=self.dtype, param_dtype=jnp.float32, name=name
-        )
-        qkv = dense(3 * D, "qkv")(x)  # (B, L, 3D)
+        qkv = dense(3 * D, "qkv", self.dtype, self.matmul_dtype)(x)  # (B, L, 3D)
         qkv = qkv.reshape(B, L, 3, self.num_heads, D // self.num_heads)  # (B, L, 3, H, Dh)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, L, H, Dh)
         if self.rotary:
@@ -151,9 +245,9 @@ class Attention(nn.Module):
                 positions = jnp.broadcast_to(jnp.arange(L), (B, L))
             q = apply_rotary(q, positions, self.rope_base)
             k = apply_rotary(k, positions, self.rope_base)
-        o = attend(q, k, v, mask, self.impl)  # (B, L, H, Dh)
+        o = attend(q, k, v, mask, self.impl, self.matmul_dtype)  # (B, L, H, Dh)
         o = o.reshape(B, L, D)  # heads concatenated in head order
-        return dense(D, "out")(o)
+        return dense(D, "out", self.dtype, self.matmul_dtype)(o)
 
 
 class MLP(nn.Module):
@@ -161,14 +255,12 @@ class MLP(nn.Module):
 
     hidden: int
     dtype: Dtype = jnp.float32
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        dense = lambda n, name: nn.Dense(  # noqa: E731
-            n, kernel_init=dense_init, dtype=self.dtype, param_dtype=jnp.float32, name=name
-        )
-        h = nn.gelu(dense(self.hidden, "fc1")(x), approximate=True)
-        return dense(x.shape[-1], "fc2")(h)
+        h = nn.gelu(dense(self.hidden, "fc1", self.dtype, self.matmul_dtype)(x), approximate=True)
+        return dense(x.shape[-1], "fc2", self.dtype, self.matmul_dtype)(h)
 
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
@@ -181,9 +273,10 @@ class Block(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "einsum"
     rotary: bool = False
     rope_base: float = 10000.0
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(
@@ -195,10 +288,11 @@ class Block(nn.Module):
             self.attention_impl,
             self.rotary,
             self.rope_base,
+            self.matmul_dtype,
             name="attn",
         )
         x = x + attn(layer_norm("ln_attn", self.dtype)(x), mask, positions)
-        mlp = MLP(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")
+        mlp = MLP(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.matmul_dtype, name="mlp")
         x = x + mlp(layer_norm("ln_mlp", self.dtype)(x))
         return x, x
 
@@ -218,9 +312,10 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     scan: bool = False
     remat: bool = False
-    attention_impl: str = "xla"
+    attention_impl: str = "einsum"
     rotary: bool = False
     rope_base: float = 10000.0
+    matmul_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(
@@ -236,6 +331,7 @@ class Transformer(nn.Module):
             attention_impl=self.attention_impl,
             rotary=self.rotary,
             rope_base=self.rope_base,
+            matmul_dtype=self.matmul_dtype,
         )
         x = x.astype(self.dtype)
         if self.scan:
