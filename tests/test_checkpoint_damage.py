@@ -177,6 +177,10 @@ def test_changed_model_is_one_line_and_moves_nothing(tmp_path, capsys):
     grown = {**abstract(), "extra": jax.ShapeDtypeStruct((3,), jnp.float32)}
     with pytest.raises(ValueError, match="extra is in this config but not in the checkpoint"):
         ckpt.restore(grown)
+    # nn.scan's stacked layout against an unrolled checkpoint: the message names model.scan.
+    stacked = {**abstract(), "params": {"blocks": abstract()["params"]}}
+    with pytest.raises(ValueError, match=r"\(it was trained with model\.scan=False\)$"):
+        ckpt.restore(stacked)
 
     assert "checkpoint:" not in capsys.readouterr().out
     assert ckpt.manager.all_steps() == [1, 2] and not (workdir / "checkpoints_damaged").exists()

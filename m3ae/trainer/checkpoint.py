@@ -219,10 +219,15 @@ class Checkpoints:
                     f"{key} has shape {there[key]} there but {here[key]} in this config"
                 )
         if problems:
+            # Stacked `blocks/` parameters are nn.scan's layout, `block_N/` the unrolled one.
+            stacked = lambda keys: any("blocks" in k.split("/") for k in keys)  # noqa: E731
+            hint = ""
+            if stacked(there) != stacked(here):
+                hint = f" (it was trained with model.scan={stacked(there)})"
             raise ValueError(
                 f"checkpoint step {step} in {self.directory} was written by a different model: "
                 f"{problems[0]} (first of {len(problems)} differences); use a new --workdir or "
-                "the config it was trained with"
+                f"the config it was trained with{hint}"
             )
 
     def _move_aside(self, damaged: list[tuple[int, _Damaged]], resumed: int) -> None:
