@@ -269,9 +269,20 @@ def _timed(f, *args) -> float:
 
 
 # ------------------------------------------------------------------------------ the step
+def first_batch(urls: str, size: int, batch: int, text_length: int) -> dict[str, np.ndarray]:
+    """The first training batch of `urls` as the trainer's loader reads it (labels dropped)."""
+    from pipelines.loader import Loader
+
+    loader = Loader(
+        urls, kind="paired", batch_size=batch, image_size=size, text_length=text_length,
+        train=True, seed=0, workers=1, process_index=0, process_count=1,
+    )  # fmt: skip
+    arrays = next(iter(loader)).arrays
+    return {k: v for k, v in arrays.items() if k != "cls"}
+
+
 def real_batch(size: int, batch: int, text_length: int) -> tuple[str, dict[str, np.ndarray]]:
     """Shards of openclipart drawings at `size` px, and a batch of them as the trainer reads it."""
-    from pipelines.loader import Loader
     from pipelines.shard_records import openclipart_records
     from pipelines.shard_writer import write_shards
 
@@ -279,22 +290,21 @@ def real_batch(size: int, batch: int, text_length: int) -> tuple[str, dict[str, 
     records = openclipart_records(size=size, limit=max(2 * batch, 24), shuffle_seed=0, workers=2)
     write_shards(records, out, samples_per_shard=max(2 * batch, 24), progress=False)
     urls = "::".join(sorted(str(p) for p in out.glob("*.tar")))
-    loader = Loader(
-        urls, kind="paired", batch_size=batch, image_size=size, text_length=text_length,
-        train=True, seed=0, workers=1, process_index=0, process_count=1,
-    )  # fmt: skip
-    arrays = next(iter(loader)).arrays
-    return urls, {k: v for k, v in arrays.items() if k != "cls"}
+    return urls, first_batch(urls, size, batch, text_length)
 
 
-def build(args) -> tuple[Any, Any, Any, dict]:
-    urls, arrays = real_batch(args.image_size, args.batch, args.text_length)
+def build_step(
+    urls: str, arrays: dict, size: str, image_size: int, text_length: int, overrides: list[str]
+) -> tuple[Any, Any, Any, dict]:
+    """`(task, state, jitted step, batches)`: the trainer's own step of the `size` recipe (state
+    donated) on `arrays`, with `urls` as its data and `overrides` on top."""
+    batch = len(arrays["image"])
     config = load_config(
-        f"m3ae_pretrain:{args.size}",
+        f"m3ae_pretrain:{size}",
         [
             f"data.paired.urls={urls}", f"data.val_urls={urls.split('::')[0]}",
-            f"data.image_size={args.image_size}", f"data.text_length={args.text_length}",
-            f"optim.batch_size={args.batch}", f"model.dtype={args.dtype}",
+            f"data.image_size={image_size}", f"data.text_length={text_length}",
+            f"optim.batch_size={batch}", *overrides,
         ],
     )  # fmt: skip
     task = make_task(config)
@@ -303,6 +313,12 @@ def build(args) -> tuple[Any, Any, Any, dict]:
     step = jax.jit(make_train_step(task, tx, config), donate_argnums=0)
     batches = {"paired": global_batch(arrays, make_mesh(-1, 1, 1))}
     return task, jax.jit(init)(rng), step, batches
+
+
+def build(args) -> tuple[Any, Any, Any, dict]:
+    urls, arrays = real_batch(args.image_size, args.batch, args.text_length)
+    overrides = [f"model.dtype={args.dtype}"]
+    return build_step(urls, arrays, args.size, args.image_size, args.text_length, overrides)
 
 
 def main() -> None:

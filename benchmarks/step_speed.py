@@ -51,34 +51,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, args.tree)
     import jax
     import numpy as np
+    from step_profile import build_step, first_batch  # this directory's; the tree's m3ae
 
-    from m3ae.config import load_config
-    from m3ae.trainer.optim import make_optimizer
-    from m3ae.trainer.sharding import global_batch, make_mesh
-    from m3ae.trainer.step import init_state, make_train_step
-    from m3ae.trainer.task import make_task
-    from pipelines.loader import Loader
-
-    loader = Loader(
-        args.urls, kind="paired", batch_size=args.batch, image_size=args.image_size,
-        text_length=args.text_length, train=True, seed=0, workers=1, process_index=0,
-        process_count=1,
-    )  # fmt: skip
-    arrays = {k: v for k, v in next(iter(loader)).arrays.items() if k != "cls"}
-    config = load_config(
-        f"m3ae_pretrain:{args.size}",
-        [
-            f"data.paired.urls={args.urls}", f"data.val_urls={args.urls.split('::')[0]}",
-            f"data.image_size={args.image_size}", f"data.text_length={args.text_length}",
-            f"optim.batch_size={args.batch}", *args.set,
-        ],
-    )  # fmt: skip
-    task = make_task(config)
-    tx, _ = make_optimizer(config.optim, 1000, 1)
-    init, rng = init_state(task, tx, config.seed)
-    step = jax.jit(make_train_step(task, tx, config), donate_argnums=0)
-    batches = {"paired": global_batch(arrays, make_mesh(-1, 1, 1))}
-    state = jax.jit(init)(rng)
+    arrays = first_batch(args.urls, args.image_size, args.batch, args.text_length)
+    _, state, step, batches = build_step(
+        args.urls, arrays, args.size, args.image_size, args.text_length, args.set
+    )
     t0 = time.perf_counter()
     compiled = step.lower(state, batches).compile()
     compile_s = time.perf_counter() - t0
