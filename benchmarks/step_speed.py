@@ -42,6 +42,12 @@ ENVS: dict[str, dict[str, str]] = {
     "thp": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},  # transparent huge pages for malloc
     "xnn": {"XLA_FLAGS": "--xla_cpu_use_xnnpack=true"},
     "onednn": {"XLA_FLAGS": "--xla_cpu_use_onednn=true"},
+    # glibc keeps freed memory: no mmap per large block, no trimming of the heap's top
+    "heap": {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"},
+    "heap1": {
+        "GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+        ":glibc.malloc.arena_max=1"
+    },
 }
 
 
@@ -51,6 +57,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, args.tree)
     import jax
     import numpy as np
+
+    try:  # as the trainer's set-up does, in trees that have it
+        from m3ae.trainer.cpu_memory import keep_step_memory
+
+        print(f"child: {keep_step_memory()}", file=sys.stderr)
+    except ImportError:
+        pass
     from step_profile import build_step, first_batch  # this directory's; the tree's m3ae
 
     arrays = first_batch(args.urls, args.image_size, args.batch, args.text_length)

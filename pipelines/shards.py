@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import json
+import lzma
 import os
 import re
 import tarfile
@@ -36,6 +37,7 @@ from typing import Any
 from braceexpand import braceexpand
 
 from pipelines import storage
+from pipelines.tar_members import TarDamage, tar_members
 
 TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
 # What a shard directory contributes: tar files, plain or compressed (tarfile reads them all).
@@ -213,12 +215,10 @@ def _read_tar(url: str, skip: int) -> Iterator[RawSample]:
             _log_error(url, e)
         return
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                match = _KEY_RE.match(member.name)
-                if match is None or os.path.basename(member.name).startswith(("__", ".")):
+        with stream:
+            for name, data in tar_members(stream):
+                match = _KEY_RE.match(name)
+                if match is None or os.path.basename(name).startswith(("__", ".")):
                     continue  # no extension, or metadata such as __index__
                 key, ext = match.group(1), match.group(2).lower()
                 if current is not None and current.key != key:
@@ -228,12 +228,8 @@ def _read_tar(url: str, skip: int) -> Iterator[RawSample]:
                     current = None
                 if current is None:
                     current = RawSample(key, url, index)
-                data = tar.extractfile(member).read()
                 current.members.setdefault(ext, data)  # a repeated extension keeps the first
-            damage = getattr(tar, "m3ae_damage", None)
-            if damage is not None:
-                raise tarfile.ReadError(f"damaged tar header: {damage}")
-    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
+    except (TarDamage, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError) as e:
         # The rest of the shard is unreachable: report the partial sample (or the position).
         if index >= skip:
             key = current.key if current is not None else f"{url}#{index}"

@@ -31,6 +31,7 @@ import optax
 from tqdm import tqdm
 
 from m3ae.trainer.checkpoint import Checkpoints
+from m3ae.trainer.cpu_memory import keep_step_memory
 from m3ae.trainer.hooks import EvalContext, check_hooks, run_hooks
 from m3ae.trainer.metrics import Meter, MetricsLogger, measure_matmul_peak
 from m3ae.trainer.optim import make_optimizer
@@ -197,10 +198,12 @@ class Run:
     shardings: Any  # ... and where each leaf lives
     ckpt: Checkpoints
     is_main: bool  # process 0: prints and writes the summary
+    memory: str  # what `keep_step_memory` did, for the first line
 
 
 def set_up(config: ml_collections.ConfigDict, workdir: str, check: bool) -> Run:
     """Everything before the state exists; `check` runs the input checks (configured shards)."""
+    memory = keep_step_memory()  # before JAX's CPU client exists, where it can
     path = storage.resolve(workdir)
     storage.makedirs(path)
     config_dict = json.loads(config.to_json_best_effort())
@@ -234,6 +237,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, check: bool) -> Run:
         shardings=tree_shardings(abstract, mesh),
         ckpt=ckpt,
         is_main=jax.process_index() == 0,
+        memory=memory,
     )
 
 
@@ -287,7 +291,7 @@ def start_meter(run: Run, sizes: dict[str, int]) -> Meter:
         print(
             f"{run.task.name}: {n_params / 1e6:.2f}M parameters, mesh "
             f"{dict(run.mesh.shape)}, streams {sizes}, {run.total_steps} steps, "
-            f"{flops['total'] / 1e9:.1f} GFLOP/step"
+            f"{flops['total'] / 1e9:.1f} GFLOP/step; {run.memory}"
         )
     return Meter(sizes, flops, peak * jax.device_count())
 
