@@ -46,7 +46,8 @@ BATCH, TEXT_LENGTH, SHUFFLE_BUFFER = 64, 64, 1000
 WARMUP_BATCHES, TRACED_BATCHES = 3, 4
 HERE = Path(__file__).resolve().parent
 TABLE = {"samples/s": "samples_per_s", "ms/batch": "ms_per_batch", "speedup": "speedup_vs_naive",
-         "cpu_ms/smp": "cpu_ms_per_sample", "cores": "cores_busy", "rss_MB": "peak_rss_mb",
+         "cpu_ms/smp": "cpu_ms_per_sample", "smp/s/core": "samples_per_s_per_core",
+         "cores": "cores_busy", "rss_MB": "peak_rss_mb",
          "traced_MB": "tracemalloc_peak_mb"}  # fmt: skip
 # Summed cumulative time of these (file, function) pairs, none nested in another of its stage.
 STAGES = {
@@ -183,6 +184,8 @@ def summarise(runs: list[dict], naive: dict | None) -> dict[str, Any]:
         "samples_per_s_runs": [round(r["samples_per_s"], 1) for r in runs],
         "cpu_ms_per_sample": round(cpu_ms, 3),
         "cores_busy": round(cpu_ms * rate / 1000, 2),  # well below the CPU count = contention
+        # what one busy core delivers: the figure that carries to a machine with more of them
+        "samples_per_s_per_core": round(1000 / cpu_ms, 1),
         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
         "tracemalloc_peak_mb": round(max(r["tracemalloc_peak_mb"] for r in runs), 1),
     }

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3ae.config import load_config
+from m3ae.trainer.cpu_memory import keep_step_memory
 from m3ae.trainer.optim import make_optimizer
 from m3ae.trainer.sharding import global_batch, make_mesh
 from m3ae.trainer.step import init_state, make_train_step
@@ -317,7 +318,7 @@ def build_step(
 
 def build(args) -> tuple[Any, Any, Any, dict]:
     urls, arrays = real_batch(args.image_size, args.batch, args.text_length)
-    overrides = [f"model.dtype={args.dtype}"]
+    overrides = [f"model.dtype={args.dtype}", *args.set]
     return build_step(urls, arrays, args.size, args.image_size, args.text_length, overrides)
 
 
@@ -328,9 +329,11 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--text-length", type=int, default=64)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 untimed)")
     p.add_argument("--out", default="benchmarks/results/step_profile.json")
     args = p.parse_args()
+    memory = keep_step_memory()  # as the trainer's set-up does
     load_before = os.getloadavg()
     task, state, step, batches = build(args)
     t0 = time.perf_counter()
@@ -402,7 +405,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "cpu": cpu_description(),
         "load_avg": {"before": load_before, "after": os.getloadavg()},
-        "setup": vars(args) | {"task": task.name},
+        "setup": vars(args) | {"task": task.name, "memory": memory},
         "compile_s": compile_s,
         "step_wall_ms_unprofiled": [1e3 * w for w in walls],
         "step_wall_ms_profiled": [1e3 * w for w in profiled],
