@@ -118,6 +118,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "test_overfit_one_batch_of_shakespeare_then_regenerate": (SLOW,),
     # Training in fresh processes: four XLA devices; a kill during a save.
     "test_four_device_data_fsdp_matches_one_device": (SLOW, MULTIPROCESS),
+    # Fresh interpreters: the CPU client's dispatch mode is fixed when JAX starts.
+    "test_scratch_is_reused_between_calls": (MULTIPROCESS,),
     "test_kill_during_save_leaves_a_loadable_checkpoint": (SLOW, MULTIPROCESS),
     # Preemption: SIGTERM to `m3ae train`, then the rerun and a reference run; SIGTERM to one
     # host of a two-process jax.distributed job; request() from another thread (in process);
