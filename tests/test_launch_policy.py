@@ -39,6 +39,15 @@ def test_watchdog_limit_follows_the_median_step_within_floor_and_ceiling():
     slow = Watchdog(factor=10, floor_s=5, ceiling_s=100, since=0.0)
     slow.observe(1, 0.0), slow.observe(2, 60.0)
     assert slow.limit() == 100
+    # One host's own reports give the step time before the slowest host's second answer.
+    early = Watchdog(factor=10, floor_s=5, ceiling_s=100, since=0.0)
+    early.observe(1, 0.0)
+    early.host_step({}, {"step": 1, "time": 0.0})  # the first report of an attempt: no interval
+    assert early.limit() == 100
+    early.host_step({"step": 1, "time": 0.0}, {"step": 5, "time": 2.0})
+    early.host_step({"step": 5, "time": 2.0}, {"step": 5, "time": 3.0})  # no new step
+    assert early.limit() == 5 and list(early.intervals) == [0.5]
+    assert early.stalled(5.1)  # the slowest host's step 1 was seen at 0 s
 
 
 @pytest.mark.parametrize(

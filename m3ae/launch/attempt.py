@@ -78,6 +78,14 @@ class Watchdog:
             self.intervals.append((now - self.since) / (step - self.step))
         self.step, self.since = step, now
 
+    def host_step(self, before: dict[str, Any], after: dict[str, Any]) -> None:
+        """A step time from one host's own reports (`step`, `time`). The slowest host's answers
+        can lag behind its steps; without this, a host frozen before the launcher saw two of
+        its steps would leave the ceiling as the limit, longer than JAX's own heartbeat."""
+        if "time" in before and "step" in before and after.get("step", -1) > before["step"]:
+            steps = after["step"] - before["step"]
+            self.intervals.append((after["time"] - before["time"]) / steps)
+
     def limit(self) -> float:
         if not self.intervals:
             return self.ceiling_s
@@ -183,6 +191,7 @@ class Attempt:
                 except Exception:  # noqa: BLE001 - a lost host shows up through its run
                     continue
                 if row.get("step", -1) >= self.latest[i].get("step", -1):  # answers may cross
+                    self.watchdog.host_step(self.latest[i], row)
                     self.latest[i] = row
         asked = set(self._asking.values())
         for i, actor in enumerate(self.actors):

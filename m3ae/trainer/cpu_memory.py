@@ -10,7 +10,9 @@ gives it back with `munmap`, so every step the kernel maps and zeroes ~800k fres
    thread that calls it, so its scratch comes from glibc's main arena. (A worker thread's arena
    cannot hold a block above 64 MB and maps every such block afresh, whatever the settings.)
    JAX reads this when it creates its CPU client, so it only takes effect if called before
-   JAX's first computation in the process; `m3ae train` and `m3ae launch`'s hosts do.
+   JAX's first computation in the process; `m3ae train` and a one-host `m3ae launch` do. A
+   multi-process job is left as it is (its fault handling was measured with asynchronous
+   dispatch: `tests/test_cluster_faults.py`).
 2. `mallopt(M_MMAP_MAX, 0)` and `mallopt(M_TRIM_THRESHOLD, -1)`: large blocks come from the
    heap, and freed memory at its top is not returned to the system.
 
@@ -51,8 +53,24 @@ def _backends_started() -> bool:
         return False
 
 
+def _other_processes() -> bool:
+    """Part of a multi-process JAX job (`jax.distributed` with more than one process)."""
+    if not jax.distributed.is_initialized():
+        return False
+    try:
+        from jax._src.distributed import global_state  # the process count before backends exist
+
+        return (global_state.num_processes or 2) > 1
+    except (ImportError, AttributeError):
+        return True
+
+
 def keep_step_memory() -> str:
     """Set both up when the default backend is the CPU; returns what it did, in words."""
+    if _other_processes():
+        # A host that blocks inside a step's collectives is what `m3ae launch`'s watchdog and
+        # JAX's heartbeats are tuned on; multi-process CPU jobs keep JAX's dispatch as it is.
+        return "cpu: multi-process job, dispatch unchanged"
     if _backends_started():
         if jax.config.read("jax_cpu_enable_async_dispatch") and jax.default_backend() == "cpu":
             return "cpu: JAX already started with asynchronous dispatch, scratch mapped per step"
