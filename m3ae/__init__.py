@@ -1,8 +1,9 @@
 """m3ae package.
 
     from m3ae import M3AE, PretrainedM3AE   # the flax module; what `M3AE.from_pretrained` returns
+    from m3ae import Classifier             # a fine-tuned classifier (`Classifier.from_pretrained`)
 
-The two are imported on first access (PEP 562), so `import m3ae.cli` and the data pipelines do
+They are imported on first access (PEP 562), so `import m3ae.cli` and the data pipelines do
 not pay for flax and the tokenizer. Modules that moved into `m3ae/trainer/` and
 `m3ae/evaluate/` stay importable by their old names (`m3ae/moved.py`).
 """
@@ -13,7 +14,12 @@ from m3ae import moved
 
 moved.install()
 
-_LAZY = {"M3AE": "m3ae.model", "PretrainedM3AE": "m3ae.pretrained_m3ae"}
+_LAZY = {
+    "M3AE": "m3ae.model",
+    "PretrainedM3AE": "m3ae.pretrained_m3ae",
+    "Classifier": "m3ae.classifier",
+    "PretrainedClassifier": "m3ae.pretrained_classifier",
+}
 __all__ = list(_LAZY)
 
 

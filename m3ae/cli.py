@@ -1,6 +1,7 @@
 """The `m3ae` command: a thin layer over library functions.
 
 m3ae train --config configs/m3ae_pretrain.py:local --workdir runs/local [--set optim.base_lr=1e-3]
+m3ae finetune --model runs/demo/model --dataset fashion-mnist --workdir runs/ft  # a classifier
 m3ae import-reference SRC DST        # original M3AE weights (.npz or release .pkl) -> our format
 """
 
@@ -31,6 +32,28 @@ def _train(args: argparse.Namespace) -> int:
         return EXIT_PREEMPTED
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    """`train` with a fine-tuning recipe; --model / --dataset set its two main keys."""
+    overrides = list(args.overrides)
+    if args.model and args.random_init:
+        raise ValueError("--model and --random-init exclude each other")
+    if args.model:
+        overrides.insert(0, f"finetune.init={args.model}")
+    if args.random_init:
+        overrides.insert(0, "finetune.init=")
+    if args.dataset:
+        overrides.insert(0, f"data.dataset={args.dataset}")
+    from m3ae.config import load_config
+
+    config = load_config(args.config, overrides)
+    if not config.finetune.init and not args.random_init:
+        raise ValueError(
+            "give the pretrained encoder with --model DIR (or --random-init for a baseline)"
+        )
+    args.overrides = overrides
+    return _train(args)
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -165,6 +188,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key (repeatable), e.g. --set optim.base_lr=1e-3",
     )
     p.set_defaults(func=_train)
+
+    p = verbs.add_parser(
+        "finetune",
+        help="fine-tune a pretrained encoder as a classifier (`train` with a fine-tuning recipe)",
+    )
+    p.add_argument(
+        "--config",
+        default="m3ae_finetune:cpu",
+        help="recipe (default: %(default)s; configs/m3ae_finetune.py: cpu, small, base, large)",
+    )
+    p.add_argument("--model", help="pretrained M3AE / MAE directory whose encoder is fine-tuned")
+    p.add_argument(
+        "--random-init", action="store_true", help="start from a random init (the baseline)"
+    )
+    p.add_argument("--dataset", help="labelled dataset, as `m3ae probe --dataset` takes it")
+    p.add_argument("--workdir", required=True, help="output directory (rerun to resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_finetune)
 
     p = verbs.add_parser(
         "launch", help="run `train` on a Ray cluster (embedded local Ray by default)"

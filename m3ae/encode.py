@@ -99,7 +99,9 @@ def fetch(pending: Pending) -> dict[str, np.ndarray]:
     return {k: np.asarray(v)[:n] for k, v in out.items()}
 
 
-def _forward(module: Any, mean: tuple, std: tuple, params: Any, batch: dict, features: Features):
+def _forward(
+    module: Any, mean: tuple, std: tuple, method: str, params: Any, batch: dict, features: Features
+):
     """kind -> pooled features `(rows, D)` of one placed batch (traced under jit)."""
     raw = {k: v for k, v in batch.items() if k != "image" or v.dtype == jnp.uint8}
     kwargs = module.model_inputs(raw, mean, std)  # uint8 images normalised on device
@@ -108,7 +110,7 @@ def _forward(module: Any, mean: tuple, std: tuple, params: Any, batch: dict, fea
     out = {}
     for kind in features.kinds:
         part = {k: v for k, v in kwargs.items() if k in NEEDS[kind]}
-        pooled, _ = module.apply({"params": params}, **part, pool=features.pool, method="encode")
+        pooled, _ = module.apply({"params": params}, **part, pool=features.pool, method=method)
         pooled = pooled.astype(jnp.float32)  # normalised before any rounding to float16
         if features.normalize:
             pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
@@ -122,7 +124,9 @@ class Encoder:
     `module` has an `encode(image, text, text_padding_mask, pool)` method returning `(pooled,
     tokens)` and a `model_inputs(arrays, mean, std)` input convention (an `M3AE`); `mean` /
     `std` are the 3 channel statistics of its images. `mesh` and `batch_axes`: split each
-    batch's rows over those mesh axes (None: no mesh, the default device).
+    batch's rows over those mesh axes (None: no mesh, the default device). `method` names
+    another method of the same signature and `(rows, anything)` result to run instead of
+    `encode` (a fine-tuned classifier's `logits`).
     """
 
     def __init__(
@@ -132,17 +136,18 @@ class Encoder:
         std: Any,
         mesh: Mesh | None = None,
         batch_axes: tuple[str, ...] = ("batch",),
+        method: str = "encode",
     ):
-        if not callable(getattr(module, "encode", None)) or not callable(
+        if not callable(getattr(module, method, None)) or not callable(
             getattr(type(module), "model_inputs", None)
         ):
             raise ValueError(
-                "the encode path needs a module with `encode` and `model_inputs` (an M3AE), got "
+                f"the encode path needs a module with `{method}` and `model_inputs` (an M3AE), got "
                 f"{type(module).__name__}"
             )
         self.module, self.mesh = module, mesh
         mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        fn = partial(_forward, module, mean, std)
+        fn = partial(_forward, module, mean, std, method)
         if mesh is None:
             self.rows: NamedSharding | None = None
             self.devices = 1

@@ -31,7 +31,8 @@ def m3ae_flops_per_sample(
     """Training FLOPs per sample by component, for a sample with the given modalities.
 
     `masked_only`: the heads run at the removed positions only, as in training
-    (`M3AE(..., masked_only=True)`); False counts them over every position.
+    (`M3AE(..., masked_only=True)`), except for a modality with an all-token loss
+    (`image_all_token_loss`, `text_all_token_loss`); False counts them over every position.
     """
 
     def get(key: str) -> Any:  # model_config leaves most fields at the class defaults
@@ -60,8 +61,9 @@ def m3ae_flops_per_sample(
         "decoder_in_proj": 2 * t_enc * D * Dd,
         "decoder_proj": dec_proj,
         "decoder_attn": dec_attn,
-        "image_head": 2 * (N - k_img * masked_only) * Dd * P,
-        "text_head": 2 * (L - k_txt * masked_only) * Dd * V,
+        # An all-token loss runs its head over every position even with masked_only.
+        "image_head": 2 * (N - k_img * (masked_only and not get("image_all_token_loss"))) * Dd * P,
+        "text_head": 2 * (L - k_txt * (masked_only and not get("text_all_token_loss"))) * Dd * V,
     }
     out = {k: 3 * v for k, v in forward.items()}
     out["total"] = sum(out.values())

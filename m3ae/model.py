@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m3ae.losses import masked_losses
+from m3ae.losses import image_positions, masked_losses, text_positions
 from m3ae.masking import (
     MASKING_MODES,
     Mask,
@@ -118,6 +118,8 @@ class M3AE(nn.Module):
     image_loss_weight: float = 1.0
     text_loss_weight: float = 0.5
     unpaired_text_loss_weight: float = 0.5
+    image_all_token_loss: bool = False  # image loss over every patch, not the removed ones only
+    text_all_token_loss: bool = False  # text loss over every real token, not the removed ones only
     masking: str = "per_example"  # or "per_batch" (the original's)
     dtype: str = "float32"
     precision: str = "float32"  # or "mixed" (bfloat16 matmul inputs) / "bfloat16": PRECISIONS
@@ -291,9 +293,11 @@ class M3AE(nn.Module):
         (B, L, V)`, the masks and `encoder_output`.
 
         `masked_only=True` (training) runs the prediction heads only at the removed positions,
-        the only ones the losses read: same losses and gradients, without the full-sequence
-        `image_reconstruction` / `text_logits` (a 30k-word head over every slot is most of a
-        small model's step).
+        the only ones the losses read: same losses and gradients, with `image_prediction` /
+        `text_prediction` there instead of the full-sequence `image_reconstruction` /
+        `text_logits` (a 30k-word head over every slot is most of a small model's step). A
+        modality with `image_all_token_loss` / `text_all_token_loss` (loss over every patch /
+        every real token: `m3ae.losses.image_positions`, `text_positions`) keeps its full head.
         """
         text_padding_mask = self._inputs(image, text, text_padding_mask)
         B = (image if image is not None else text).shape[0]
@@ -331,43 +335,34 @@ class M3AE(nn.Module):
         out["encoder_output"] = encoded
 
         z_img, z_txt = self.decode(encoded, image, image_mask, text, text_mask, text_padding_mask)
-        image_target = text_target = None
+        recon = logits = image_target = text_target = None
         if image is not None:
             out["image_mask"] = image_mask.removed
-            if masked_only:
-                z_img = gather_tokens(z_img, image_mask.remove_ids)  # (B, N - K_img, Dd)
-                image_target = (gather_tokens(patches, image_mask.remove_ids), None)
-            else:
-                image_target = (patches, image_mask.removed)
-            out["image_reconstruction"] = self.image_head(z_img)  # (B, N or N - K_img, P)
+            ids, image_target = image_positions(
+                patches, image_mask.removed, image_mask.remove_ids, masked_only,
+                self.image_all_token_loss,
+            )  # fmt: skip
+            if ids is not None:  # the removed positions only
+                z_img = gather_tokens(z_img, ids)  # (B, N - K_img, Dd)
+            recon = self.image_head(z_img)  # (B, N or N - K_img, P)
+            out["image_reconstruction" if ids is None else "image_prediction"] = recon
         if text is not None:
             out["text_mask"] = text_mask.removed
-            real = 1.0 - text_padding_mask.astype(jnp.float32)  # (B, L)
-            if masked_only:
-                ids = text_mask.remove_ids  # (B, L - K_txt)
-                z_txt = gather_tokens(z_txt, ids)
-                text_target = (
-                    jnp.take_along_axis(text, ids, axis=1),
-                    jnp.take_along_axis(real, ids, axis=1),
-                )
-            else:
-                text_target = (text, text_mask.removed * real)
-            out["text_logits"] = self.text_head(z_txt)  # (B, L or L - K_txt, V)
+            ids, text_target = text_positions(
+                text, text_padding_mask, text_mask.removed, text_mask.remove_ids, masked_only,
+                self.text_all_token_loss,
+            )  # fmt: skip
+            if ids is not None:
+                z_txt = gather_tokens(z_txt, ids)  # (B, L - K_txt, Dd)
+            logits = self.text_head(z_txt)  # (B, L or L - K_txt, V)
+            out["text_logits" if ids is None else "text_prediction"] = logits
         unpaired = image is None  # a text-only batch weighs its text loss on its own
+        text_weight = self.unpaired_text_loss_weight if unpaired else self.text_loss_weight
         out.update(
             masked_losses(
-                out.get("image_reconstruction"),
-                image_target,
-                out.get("text_logits"),
-                text_target,
-                self.image_loss_weight,
-                self.unpaired_text_loss_weight if unpaired else self.text_loss_weight,
+                recon, image_target, logits, text_target, self.image_loss_weight, text_weight
             )
         )
-        if masked_only:  # predictions at the removed positions only: not full-sequence outputs
-            out["image_prediction"] = out.pop("image_reconstruction", None)
-            out["text_prediction"] = out.pop("text_logits", None)
-            out = {k: v for k, v in out.items() if v is not None}
         return out
 
     def decode(

@@ -217,6 +217,8 @@ _EXTRAS = {  # our config key -> names in the npz meta or the flattened release 
     "image_size": ("image_size",), "text_length": ("text_length", "tokenizer_max_length"),
     **{k: (k,) for k in ("image_loss_weight", "text_loss_weight")},
     **{k: (k,) for k in ("image_mask_ratio", "text_mask_ratio")},
+    **{k: (k,) for k in ("unpaired_text_loss_weight", "image_all_token_loss")},
+    "text_all_token_loss": ("text_all_token_loss",),
 }  # fmt: skip
 
 
@@ -227,6 +229,9 @@ _FLAG_KINDS = {
     "image_loss_weight": ("float", "a number >= 0"), "text_loss_weight": ("float", "a number >= 0"),
     "image_mask_ratio": ("ratio", "a number in [0, 1)"),
     "text_mask_ratio": ("ratio", "a number in [0, 1)"),
+    "unpaired_text_loss_weight": ("float", "a number >= 0"),
+    "image_all_token_loss": ("bool", "true or false"),
+    "text_all_token_loss": ("bool", "true or false"),
 }  # fmt: skip
 
 
@@ -262,12 +267,23 @@ def _as_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _as_bool(value: Any) -> bool | None:
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    text = str(value).strip().lower()
+    return {"true": True, "1": True, "false": False, "0": False}.get(text)
+
+
 def _flag(meta: Mapping[str, Any], key: str, *names: str) -> Any:
     """The parsed value of flag `key` (found under `names`), None if absent; malformed: error."""
     found, value = _meta_get(meta, *(names or (key,)))
     if found is None:
         return None
     parse, expected = _FLAG_KINDS[key]
+    if parse == "bool":
+        if (flag := _as_bool(value)) is None:
+            raise ValueError(f"{_where(meta)}flag {found}={value!r:.60} is not {expected}")
+        return flag
     number = _as_int(value) if parse == "int" else _as_float(value)
     ok = number is not None and (number > 0 if parse == "int" else number >= 0)
     if not ok or (parse == "ratio" and number >= 1):

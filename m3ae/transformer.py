@@ -21,6 +21,14 @@ convert between the two parameter layouts.
 
 `rotary=True` rotates queries and keys by their token positions (RoPE, Su et al. 2021) inside
 every attention layer; it has no parameters and is off by default, so M3AE is unchanged.
+
+`drop_path` is stochastic depth (Huang et al. 2016), as ViT fine-tuning uses it: in a forward
+pass with `train=True`, each residual branch (attention, MLP) of each block is dropped for a
+whole example with that block's rate and the kept ones scaled by `1 / (1 - rate)`, drawn from
+the `drop_path` RNG stream. Rates rise linearly from 0 at the first block to `drop_path` at the
+last (`drop_path_schedule="linear"`: DeiT, MAE and timm) or are `drop_path` everywhere
+(`"uniform"`: the original M3AE code). Off (`drop_path=0`, the default, or `train=False`), no
+code of it is traced: outputs are bitwise those of the stack without it.
 """
 
 from __future__ import annotations
@@ -267,8 +275,34 @@ def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+DROP_PATH_SCHEDULES = ("linear", "uniform")
+
+
+def drop_path_rates(rate: float, depth: int, schedule: str = "linear") -> np.ndarray:
+    """Per-block stochastic-depth rates `(depth,)`: `linear` from 0 to `rate` (DeiT / MAE /
+    timm), or `uniform` (`rate` at every block, the original M3AE code)."""
+    if schedule not in DROP_PATH_SCHEDULES:
+        raise ValueError(f"drop_path_schedule must be one of {DROP_PATH_SCHEDULES}: {schedule!r}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {rate}")
+    if schedule == "uniform" or depth < 2:
+        return np.full((depth,), rate, np.float32)
+    return np.linspace(0.0, rate, depth, dtype=np.float32)
+
+
+def drop_path(branch: Array, rate: Array | float, rng: Array) -> Array:
+    """A residual branch `(B, ...)` zeroed for whole examples with probability `rate`, the
+    others scaled by `1 / (1 - rate)` (so its expectation is unchanged)."""
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)  # one draw per example
+    kept = jnp.floor(keep + jax.random.uniform(rng, shape, jnp.float32))  # 1 with prob. keep
+    return branch * (kept / keep).astype(branch.dtype)
+
+
 class Block(nn.Module):
-    """One pre-LN transformer block. `(x, mask, positions) -> (x, x)` so it can be scanned."""
+    """One pre-LN transformer block. `(x, mask, positions, rate) -> (x, x)` so it can be
+    scanned. `drop_path > 0` turns stochastic depth on (`rate`, when given, is this block's
+    rate: the scanned stack passes it as an array)."""
 
     num_heads: int
     mlp_ratio: float = 4.0
@@ -277,11 +311,22 @@ class Block(nn.Module):
     rotary: bool = False
     rope_base: float = 10000.0
     matmul_dtype: Dtype | None = None
+    drop_path: float = 0.0
 
     @nn.compact
     def __call__(
-        self, x: Array, mask: Array | None, positions: Array | None = None
+        self,
+        x: Array,
+        mask: Array | None,
+        positions: Array | None = None,
+        rate: Array | None = None,
     ) -> tuple[Array, Array]:
+        def residual(branch: Array) -> Array:
+            if self.drop_path == 0.0:  # off: nothing traced
+                return branch
+            r = self.drop_path if rate is None else rate
+            return drop_path(branch, r, self.make_rng("drop_path"))
+
         attn = Attention(
             self.num_heads,
             self.dtype,
@@ -291,9 +336,9 @@ class Block(nn.Module):
             self.matmul_dtype,
             name="attn",
         )
-        x = x + attn(layer_norm("ln_attn", self.dtype)(x), mask, positions)
+        x = x + residual(attn(layer_norm("ln_attn", self.dtype)(x), mask, positions))
         mlp = MLP(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.matmul_dtype, name="mlp")
-        x = x + mlp(layer_norm("ln_mlp", self.dtype)(x))
+        x = x + residual(mlp(layer_norm("ln_mlp", self.dtype)(x)))
         return x, x
 
 
@@ -301,7 +346,8 @@ class Transformer(nn.Module):
     """A stack of pre-LN blocks plus a final LayerNorm.
 
     Call with `x (B, L, D)`, an optional boolean `mask` and, for `rotary=True`, optional token
-    `positions (B, L)` (default 0..L-1); returns `(out, intermediates)` where
+    `positions (B, L)` (default 0..L-1); `train=True` applies `drop_path` (needs the `drop_path`
+    RNG stream when it is > 0). Returns `(out, intermediates)` where
     `intermediates` holds `blocks` (each block's output, stacked `(depth, B, L, D)`) and
     `pre_norm` (the input to the final LayerNorm). Unused intermediates are dropped by XLA.
     """
@@ -316,14 +362,22 @@ class Transformer(nn.Module):
     rotary: bool = False
     rope_base: float = 10000.0
     matmul_dtype: Dtype | None = None
+    drop_path: float = 0.0  # the largest per-block stochastic-depth rate; 0 = off
+    drop_path_schedule: str = "linear"  # or "uniform" (`drop_path_rates`)
 
     @nn.compact
     def __call__(
-        self, x: Array, mask: Array | None = None, positions: Array | None = None
+        self,
+        x: Array,
+        mask: Array | None = None,
+        positions: Array | None = None,
+        train: bool = False,
     ) -> tuple[Array, dict[str, Array]]:
         block_cls = Block
         if self.remat:
             block_cls = nn.remat(Block, prevent_cse=not self.scan)
+        rates = drop_path_rates(self.drop_path, self.depth, self.drop_path_schedule)
+        on = train and self.drop_path > 0
         kwargs = dict(
             num_heads=self.num_heads,
             mlp_ratio=self.mlp_ratio,
@@ -338,16 +392,22 @@ class Transformer(nn.Module):
             stack = nn.scan(
                 block_cls,
                 variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=nn.broadcast,
+                split_rngs={"params": True, "dropout": True, "drop_path": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=self.depth,
             )
-            # The mask and positions are broadcast: every layer sees the very same mask.
-            x, hidden = stack(**kwargs, name="blocks")(x, mask, positions)  # (depth, B, L, D)
+            # The mask and positions are broadcast: every layer sees the very same mask; each
+            # layer takes its own drop-path rate (None when off: nothing traced).
+            kwargs["drop_path"] = float(rates.max()) if on else 0.0
+            layer_rates = jnp.asarray(rates) if on else None
+            x, hidden = stack(**kwargs, name="blocks")(x, mask, positions, layer_rates)
+            # hidden: (depth, B, L, D)
         else:
             outs = []
             for i in range(self.depth):
-                x, _ = block_cls(**kwargs, name=f"block_{i}")(x, mask, positions)
+                rate = float(rates[i]) if on else 0.0
+                block = block_cls(**kwargs, drop_path=rate, name=f"block_{i}")
+                x, _ = block(x, mask, positions)
                 outs.append(x)
             hidden = jnp.stack(outs) if outs else x[None, :0]  # (depth, B, L, D)
         out = layer_norm("ln_final", self.dtype)(x)

@@ -19,6 +19,8 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipelines.randaugment import RandAugment
+
 # Half of Pillow's default bomb limit: ~6.7k x 6.7k is far beyond what a 256-px crop needs.
 MAX_PIXELS = 89_478_485 // 2
 
@@ -278,9 +280,16 @@ def preprocess(
     rng: np.random.Generator | None,
     max_pixels: int = MAX_PIXELS,
     name: str = "",
+    randaugment: RandAugment | None = None,
+    crop_scale: tuple[float, float] = (0.2, 1.0),
 ) -> np.ndarray:
-    """Encoded bytes -> `(size, size, 3)` uint8: RRC (scale 0.2-1) + flip for training, resize
-    + centre crop for evaluation.
+    """Encoded bytes -> `(size, size, 3)` uint8: RRC (area `crop_scale`, by default 0.2-1 as
+    M3AE pretraining; 0.08-1 is timm's fine-tuning one) + flip for training, resize + centre
+    crop for evaluation.
+
+    `randaugment` (`pipelines.randaugment`, training only) runs after the flip on the same
+    generator, so it adds draws after the crop's and flip's and leaves those unchanged; None
+    (the default) is exactly the pipeline without it. Evaluation ignores it.
 
     The result stays uint8 on purpose: it is a quarter of the bytes of float32 between the decode
     worker and the host (queues, Ray object store, host-to-device copy), and normalization is one
@@ -291,7 +300,7 @@ def preprocess(
     if train:
         if rng is None:
             raise ValueError("train=True needs an np.random.Generator")
-        box = _rrc_box(width, height, rng, scale=(0.2, 1.0))
+        box = _rrc_box(width, height, rng, scale=tuple(crop_scale))
     else:
         side = min(width, height)
         left, top = (width - side) / 2, (height - side) / 2
@@ -304,4 +313,6 @@ def preprocess(
     img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     if train:
         img = random_flip(img, rng)
+        if randaugment is not None:
+            img = randaugment(img, rng)
     return to_array(img)

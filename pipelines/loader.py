@@ -11,6 +11,14 @@ strictly in stream order, so batches are identical for any number of workers. Ea
 augmentation RNG is derived from `(seed, host, epoch, ordinal)`, never from shared state, which
 is what makes restoring a state reproduce the exact next batches.
 
+`crop_scale` is the area range of the training RandomResizedCrop (0.2-1 by default, as M3AE
+pretraining; timm's fine-tuning uses 0.08-1); `require_cls` skips (and counts, `missing_cls`)
+samples without a class label, as a classifier's training and evaluation want.
+`randaugment` turns on RandAugment for training images (off by default, and bit-identical
+batches when off): a timm-style spec such as "rand-m9-mstd0.5-inc1" (`pipelines.randaugment`),
+parsed once here and applied after the crop and flip with the same per-sample generator, so it
+stays exactly resumable.
+
 Bad samples are skipped with a reason and counted (`loader.stats`, also in every batch's state):
 `seen = used + sum(skipped)` holds for every shard. The shards must exist when the loader is
 built (`check_shards`), and an endless stream that cannot make a batch stops with
@@ -31,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.images import ImageError, preprocess
+from pipelines.randaugment import RandAugment, parse_randaugment
 from pipelines.shards import RawSample, check_shards, expand_urls, host_shards
 from pipelines.stream import ShardStream
 from pipelines.tokenizer import load_tokenizer, tokenize
@@ -78,8 +87,12 @@ def make_example(
     rng: np.random.Generator,
     max_pixels: int,
     drop_caption: bool,
+    randaugment: RandAugment | None = None,
+    crop_scale: tuple[float, float] = (0.2, 1.0),
+    require_cls: bool = False,
 ) -> Example | str:
-    """Decode one raw sample into an `Example`, or return the reason it is skipped."""
+    """Decode one raw sample into an `Example`, or return the reason it is skipped
+    (`missing_cls` for a sample without a class when `require_cls`)."""
     if raw.error is not None:
         return raw.error
     members = raw.members
@@ -98,6 +111,8 @@ def make_example(
             return "bad_cls"
     elif isinstance(meta.get("cls"), int):
         cls = meta["cls"]
+    if require_cls and cls < 0:
+        return "missing_cls"
 
     caption = None
     if kind in ("paired", "text"):
@@ -122,7 +137,9 @@ def make_example(
             unknown = [e for e in members if e not in ("txt", "json", "cls")]
             return "unsafe_member" if any(e in UNSAFE_EXTS for e in unknown) else "missing_image"
         try:
-            image = preprocess(members[ext], image_size, train, rng, max_pixels, raw.key)
+            image = preprocess(
+                members[ext], image_size, train, rng, max_pixels, raw.key, randaugment, crop_scale
+            )
         except ImageError as e:
             return e.reason
     url = meta.get("url") if isinstance(meta.get("url"), str) else None
@@ -226,6 +243,9 @@ class Loader:
         drop_remainder: bool = True,
         source: str = "shards",
         max_consecutive_skips: int = 10_000,
+        randaugment: str = "",
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        require_cls: bool = False,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -242,6 +262,11 @@ class Loader:
         self.image_size, self.text_length, self.train = int(image_size), int(text_length), train
         self.seed, self.host, self.workers = int(seed), int(process_index), int(workers)
         self.max_pixels = int(max_pixels)
+        self.randaugment = parse_randaugment(randaugment)  # None when "" (off)
+        lo, hi = (float(v) for v in crop_scale)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"{source}: crop_scale must be 0 < min <= max <= 1, got {crop_scale}")
+        self.crop_scale, self.require_cls = (lo, hi), bool(require_cls)
         self.drop_rate, self.drop_by_key = float(caption_drop_rate), bool(caption_drop_by_key)
         self.tokenizer = load_tokenizer(tokenizer) if kind != "image" else None
         self.stream = ShardStream(
@@ -281,7 +306,18 @@ class Loader:
             drop = caption_dropped(raw.key, self.drop_rate, self.seed)
         else:
             drop = self.drop_rate > 0 and rng.random() < self.drop_rate
-        return make_example(raw, self.kind, self.image_size, self.train, rng, self.max_pixels, drop)
+        return make_example(
+            raw,
+            self.kind,
+            self.image_size,
+            self.train,
+            rng,
+            self.max_pixels,
+            drop,
+            self.randaugment,
+            self.crop_scale,
+            self.require_cls,
+        )
 
     def _examples(self) -> Iterator[tuple[int, int, Example | str, RawSample]]:
         """`(emission number, epoch, result, raw)` in stream order, decoded `workers` at a time."""

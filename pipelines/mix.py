@@ -26,6 +26,7 @@ from pipelines.feeders import (
     check_state,
 )
 from pipelines.loader import Batch, Loader
+from pipelines.randaugment import parse_randaugment
 
 STREAMS = {"paired": "paired", "image_only": "image", "text_only": "text"}
 
@@ -75,6 +76,13 @@ def build_loaders(
     feeders = data.get("feeders", "threads")
     if feeders not in ("threads", "ray"):
         raise ValueError(f"data.feeders must be 'threads' or 'ray', got {feeders!r}")
+    # A timm spec such as "rand-m9-mstd0.5-inc1", "" = off; checked here so that a bad one fails
+    # in this process, not inside a Ray feeder.
+    randaugment = data.get("randaugment", "") or ""
+    try:
+        parse_randaugment(randaugment)
+    except ValueError as e:
+        raise ValueError(f"data.randaugment: {e}") from None
     loaders: dict[str, Loader | SplitLoader | RayFeederPool] = {}
     for i, (name, size) in enumerate(sizes.items()):
         kwargs = dict(
@@ -96,6 +104,7 @@ def build_loaders(
             state=(state or {}).get(name),
             source=f"data.{name}.urls",
             max_consecutive_skips=int(data.get("max_consecutive_skips", 10_000)),
+            randaugment=randaugment,
         )
         if streams == 1 and feeders == "threads":
             check_state(kwargs["state"], None)

@@ -302,3 +302,34 @@ def summary_text(summary: dict[str, Any]) -> str:
         f"skipped {summary['skipped']} of {summary['attempted']}"
         + (f" ({reasons})." if reasons else ".")
     )
+
+
+def copy_samples(
+    samples: Iterable[tuple[str, dict[str, bytes]]],
+    out_dir: str | os.PathLike[str],
+    samples_per_shard: int = 1000,
+) -> int:
+    """Write `(key, {ext: bytes})` samples as they are (no re-encoding) into `out_dir/00000.tar`,
+    ...; returns how many. `out_dir` must be new or empty of shards; each tar appears under its
+    final name only once complete."""
+    out_dir = Path(out_dir)
+    _prepare(out_dir, overwrite=False)
+    shard: _Shard | None = None
+    count = index = 0
+    try:
+        for key, members in samples:
+            if shard is None:
+                shard = _Shard(out_dir, index)
+                index += 1
+            shard.add(key, sorted(members.items()))
+            count += 1
+            if shard.written == samples_per_shard:
+                shard.close()
+                shard = None
+    except BaseException:
+        if shard is not None:
+            shard.abort()
+        raise
+    if shard is not None:
+        shard.close()
+    return count

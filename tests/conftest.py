@@ -105,6 +105,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "test_cluster_auth.py": (SLOW, RAY, MULTIPROCESS),
     # The LM recipes train for tens of steps and resume; lm-eval and generate on the result.
     "test_lm_train.py": (SLOW,),
+    # Fine-tuning runs on real digits: 150 steps, resume, a pretrained encoder.
+    "test_finetune.py": (SLOW,),
     # --- slow: training for many steps
     "test_train_local_recipe_runs": (SLOW,),
     "test_train_with_unpaired_streams": (SLOW,),
@@ -171,6 +173,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "test_zeroshot_caption_scores_pick_the_picture_s_colour": (SLOW,),
     "test_crossmodal_is_deterministic": (SLOW,),
     "test_masked_only_heads_give_the_full_heads_losses_and_gradients": (SLOW,),
+    "test_all_token_losses_with_masked_only_heads": (SLOW,),
+    "test_unpaired_text_loss_weight": (SLOW,),
     "test_the_mae_never_builds_text_parameters": (SLOW,),
     "test_layout_rows_and_alignment": (SLOW,),
     "test_float32_mean_pool_without_normalisation": (SLOW,),
@@ -205,6 +209,10 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "test_trained_on_shards_are_excluded": (SLOW,),
     "test_explicit_exclusion_lists": (SLOW,),
     "test_bad_dataset_and_option_name_the_option": (SLOW,),
+    # --- slow: the classifier and the stacks with drop path compiled several times
+    "test_classifier_features_are_the_m3ae_encoder_s": (SLOW,),
+    "test_drop_path_on_changes_outputs_and_is_deterministic_per_key": (SLOW,),
+    "test_classifier_loss_smoothing_and_mixing": (SLOW,),
     # --- slow: the causal LM compiled per attention path and position kind
     "test_causality_with_fcm_on": (SLOW,),
     "test_fcm_off_is_bit_identical_to_plain_causal": (SLOW,),

@@ -230,7 +230,9 @@ def test_package_exports_load_lazily():
         "import sys, m3ae; assert 'flax' not in sys.modules; "
         "assert 'm3ae.pretrained_m3ae' not in sys.modules; "
         "from m3ae import M3AE, PretrainedM3AE; import m3ae.model, m3ae.pretrained_m3ae; "
-        "assert M3AE is m3ae.model.M3AE and PretrainedM3AE is m3ae.pretrained_m3ae.PretrainedM3AE"
+        "assert M3AE is m3ae.model.M3AE and PretrainedM3AE is m3ae.pretrained_m3ae.PretrainedM3AE; "
+        "from m3ae import Classifier; import m3ae.classifier; "
+        "assert Classifier is m3ae.classifier.Classifier"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

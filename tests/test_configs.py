@@ -13,9 +13,39 @@ RECIPES = ["local", "local,mae", "cpu", "cpu,mae", "tiny", "small", "base", "lar
 ARGS = {"m3ae_pretrain": RECIPES}
 
 
+FINETUNE = ["cpu", "cpu,openclipart", "cpu,mnist", "small", "base", "large", "huge,fashion-mnist"]
+
+
 def test_every_config_file_is_covered():
-    # LM recipes (configs/lm_fcm.py) have their pulse tests in tests/test_lm_train.py.
-    assert {p.stem for p in config_files()} == set(ARGS) | {"lm_fcm"}
+    # LM recipes (configs/lm_fcm.py) have their pulse tests in tests/test_lm_train.py; the
+    # fine-tuning recipes train in tests/test_finetune.py.
+    assert {p.stem for p in config_files()} == set(ARGS) | {"lm_fcm", "m3ae_finetune"}
+
+
+@pytest.mark.parametrize("arg", FINETUNE)
+def test_finetune_config_builds_a_classifier(arg):
+    from m3ae.classifier import Classifier, classifier_config
+
+    config = load_config(f"m3ae_finetune:{arg}")
+    assert config.task == "m3ae.finetune"
+    assert config.data.dataset == (arg.split(",")[1] if "," in arg else "fashion-mnist")
+    model = Classifier(**classifier_config(model_config(config.model_size), 10, **config.model))
+    size = config.data.image_size
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+    )
+    assert shapes["params"]["head"]["kernel"].shape == (model.emb_dim, 10)
+    assert 0 < config.finetune.layer_decay < 1 and config.model.drop_path > 0
+    if arg == "base":  # MAE's ViT-B fine-tuning recipe
+        assert (config.finetune.layer_decay, config.optim.base_lr) == (0.65, 5e-4)
+        assert config.data.randaugment == "rand-m9-mstd0.5-inc1" and size == 224
+
+
+def test_finetune_config_rejects_unknown_recipes():
+    with pytest.raises(ValueError, match="use cpu or one of"):
+        load_config("m3ae_finetune:tiny")
+    with pytest.raises(ValueError, match="at most one dataset"):
+        load_config("m3ae_finetune:cpu,mnist,openclipart")
 
 
 @pytest.mark.parametrize("name, arg", [(n, a) for n, args in ARGS.items() for a in args])

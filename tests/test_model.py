@@ -147,3 +147,59 @@ def test_reconstruct_pastes_visible_patches():
         patchify(pics["pasted"], 4) * (1 - pics["image_mask"][:, :, None]), visible, atol=1e-6
     )
     assert pics["text_predictions"].shape == text.shape
+
+
+@pytest.mark.parametrize("image_all, text_all", [(True, False), (False, True)])
+def test_all_token_losses_with_masked_only_heads(image_all, text_all):
+    """Under masked_only an all-token modality's head runs everywhere (its loss reads every
+    position) and the other's on the removed slots only; losses and gradients equal the full
+    heads'."""
+    model = M3AE(
+        **model_config("tiny", vocab_size=300),
+        image_all_token_loss=image_all,
+        text_all_token_loss=text_all,
+    )
+    image, text, pad = batch(size=16)  # N = 4 patches of 8 x 8, 1 kept; L = 8, 2 kept
+    text, pad = text % 300, pad.at[3].set(1.0)  # a caption of padding only: contributes 0
+    kwargs = dict(image=image, text=text, text_padding_mask=pad)
+    params = model.init(RNGS, **kwargs)["params"]
+
+    def run(p, masked_only):
+        return model.apply(
+            {"params": p}, **kwargs, masked_only=masked_only, rngs={"noise": RNGS["noise"]}
+        )
+
+    full, masked = run(params, False), run(params, True)
+    for name in ("loss", "image_loss", "text_loss", "text_accuracy", "image_loss_per_example",
+                 "text_loss_per_example"):  # fmt: skip
+        np.testing.assert_allclose(masked[name], full[name], atol=1e-5, rtol=1e-5, err_msg=name)
+    g_full = jax.grad(lambda p: run(p, False)["loss"])(params)
+    g_masked = jax.grad(lambda p: run(p, True)["loss"])(params)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_masked), strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+    if image_all:  # every patch counts, kept or removed
+        assert masked["image_reconstruction"].shape == (4, 4, 192)
+        assert masked["text_prediction"].shape == (4, 8 - 2, 300)
+        err = jnp.mean((full["image_reconstruction"] - patchify(image, 8)) ** 2, (1, 2))
+        np.testing.assert_allclose(full["image_loss_per_example"], err, rtol=1e-6)
+    else:  # every real token counts, kept or removed
+        assert masked["text_logits"].shape == (4, 8, 300)
+        assert masked["image_prediction"].shape == (4, 4 - 1, 192)
+        np.testing.assert_array_equal(masked["text_loss_valid"], 1.0 - pad)
+        assert float(masked["text_loss_per_example"][3]) == 0.0
+
+
+def test_flops_count_the_all_token_heads_everywhere():
+    from m3ae.flops import m3ae_flops_per_sample
+
+    cfg = model_config("tiny")
+    masked, full = (m3ae_flops_per_sample(cfg, 32, 16, masked_only=m) for m in (True, False))
+    both = model_config("tiny", image_all_token_loss=True, text_all_token_loss=True)
+    for name, flag in (
+        ("image_head", "image_all_token_loss"),
+        ("text_head", "text_all_token_loss"),
+    ):
+        one = m3ae_flops_per_sample({**cfg, flag: True}, 32, 16, masked_only=True)
+        assert one[name] == full[name] > masked[name]
+        assert one["total"] == masked["total"] - masked[name] + full[name]
+    assert m3ae_flops_per_sample(both, 32, 16, masked_only=True)["total"] == full["total"]

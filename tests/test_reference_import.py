@@ -356,6 +356,8 @@ def test_object_arrays_and_bad_meta_in_npz_are_refused(tmp_path: Path) -> None:
          "flag m3ae.image_mask_ratio='most' is not a number in [0, 1)"),
         ({"m3ae.num_heads": 4, "m3ae.dec_num_heads": 2, "m3ae.text_loss_weight": -1},
          "flag m3ae.text_loss_weight=-1 is not a number >= 0"),
+        ({"m3ae.num_heads": 4, "m3ae.dec_num_heads": 2, "text_all_token_loss": "maybe"},
+         "flag text_all_token_loss='maybe' is not true or false"),
     ],
 )  # fmt: skip
 def test_malformed_flags_name_the_file_flag_and_value(tmp_path: Path, variant, message) -> None:
@@ -364,6 +366,15 @@ def test_malformed_flags_name_the_file_flag_and_value(tmp_path: Path, variant, m
     with pytest.raises(ValueError) as caught:
         infer_config(flat, meta)
     assert str(caught.value) == f"{path}: {message}"
+
+
+def test_loss_flags_of_the_training_script_carry_over(tmp_path: Path) -> None:
+    flags = {"m3ae.num_heads": 4, "m3ae.dec_num_heads": 2, "image_all_token_loss": True}
+    flags |= {"text_all_token_loss": "False", "unpaired_text_loss_weight": 0.25}
+    flat, meta = read_reference(_release_like(tmp_path, flags))
+    config = infer_config(flat, meta)
+    assert config["image_all_token_loss"] is True and config["text_all_token_loss"] is False
+    assert config["unpaired_text_loss_weight"] == 0.25
 
 
 def test_non_numeric_head_count_via_cli_and_its_override(tmp_path: Path, capsys) -> None:

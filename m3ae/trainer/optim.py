@@ -1,6 +1,10 @@
 """The paper's optimiser: AdamW (b1 0.9, b2 0.95, wd 0.05), LR = base_lr x batch / 256, linear
 warm-up then cosine to 0, global-norm clipping, optional gradient accumulation.
 
+A task may scale each parameter's learning rate (`lr_scales`: layer-wise decay for fine-tuning):
+the AdamW update of a parameter, weight decay included, is multiplied by its scale, which is
+what one AdamW per layer group with `lr x scale` (the original fine-tuning code) computes.
+
 Weight-decay masks (`optim.decay_mask`):
 - `kernels` (default): only Dense kernels decay; biases, LayerNorm parameters, the text
   embedding table and the CLS / type / mask tokens do not (common MAE/ViT practice).
@@ -11,9 +15,11 @@ Weight-decay masks (`optim.decay_mask`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -62,10 +68,26 @@ def lr_schedule(optim: ml_collections.ConfigDict, total_steps: int, steps_per_ep
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, 1), 0.0)
 
 
+def scale_updates(scales: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """Multiply each update by its parameter's factor; `scales(updates)` gives the tree of
+    factors (floats or broadcastable arrays), computed from the tree's shapes when traced."""
+
+    def update(updates, state, params=None):
+        del params
+        factors = scales(updates)
+        return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
-    optim: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int
+    optim: ml_collections.ConfigDict,
+    total_steps: int,
+    steps_per_epoch: int,
+    lr_scales: Callable[[Any], Any] | None = None,
 ) -> tuple[optax.GradientTransformation, Any]:
-    """`(optimizer, schedule)`; gradient accumulation is done by the train step."""
+    """`(optimizer, schedule)`; gradient accumulation is done by the train step. `lr_scales`
+    (a task's) multiplies each parameter's learning rate (see the module docstring)."""
     schedule = lr_schedule(optim, total_steps, steps_per_epoch)
     adamw = optax.adamw(
         schedule,
@@ -74,6 +96,7 @@ def make_optimizer(
         weight_decay=optim.weight_decay,
         mask=lambda p: decay_mask(p, optim.decay_mask),
     )
+    parts = [adamw] if lr_scales is None else [adamw, scale_updates(lr_scales)]
     if optim.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw), schedule
-    return adamw, schedule
+        parts.insert(0, optax.clip_by_global_norm(optim.grad_clip_norm))
+    return (parts[0] if len(parts) == 1 else optax.chain(*parts)), schedule

@@ -3,10 +3,11 @@
     task = make_task(config, workdir)   # config.task = "m3ae": m3ae.task.get_task(config, workdir)
     out = task.model.apply({"params": p}, **task.inputs(arrays), rngs=task.rngs(key))
 
-A model family is a top-level package with a `task.py` that defines one entry function,
-`get_task(config, workdir) -> Task` (`m3ae/task.py`, `lm/task.py`). The trainer imports that
-module by the name in `config.task`, as big_vision imports `models.<name>`, so adding a family
-touches no trainer code and nothing under `m3ae/trainer/` imports a family.
+A model family is a package with a `task.py` that defines one entry function,
+`get_task(config, workdir) -> Task` (`m3ae/task.py`, `lm/task.py`, `m3ae/finetune/task.py`). The
+trainer imports that module by the (dotted) name in `config.task` ("m3ae", "lm",
+"m3ae.finetune"), as big_vision imports `models.<name>`, so adding a family touches no trainer
+code and nothing under `m3ae/trainer/` imports a family.
 
 `m3ae.trainer.train.train` is one loop for every family: it asks the task for the module, the
 keyword arguments a batch becomes, the RNG streams of a training forward pass, the data loaders,
@@ -57,6 +58,12 @@ class Task:
     pictures: Callable[[Any, int, Path, Any], Any] | None = None  # (params, step, workdir, mesh)
     # The last evaluation's results -> a human line printed at the end of the run ("" = none).
     describe: Callable[[dict[str, float]], str] | None = None
+    # Per-parameter learning-rate multipliers: a params-shaped tree (of shapes) -> a tree of
+    # floats or arrays broadcastable to each parameter (layer-wise decay); None = all 1.
+    lr_scales: Callable[[Any], Any] | None = None
+    # A fresh start's parameters -> the ones training starts from (e.g. a pretrained encoder:
+    # replaced leaves as host arrays, the others as given); None = the fresh init.
+    initial_params: Callable[[Any], Any] | None = None
 
     def rngs(self, key: jax.Array) -> dict[str, jax.Array]:
         return {name: jax.random.fold_in(key, i) for i, name in enumerate(self.rng_names)}
@@ -72,17 +79,19 @@ def make_task(config: ml_collections.ConfigDict, workdir: Path | None = None) ->
     """
     name = config.get("task", "m3ae")  # configs written before `task` existed are M3AE's
     module = f"{name}.task"
+    dotted = isinstance(name, str) and all(part.isidentifier() for part in name.split("."))
 
     def unknown(why: str) -> ValueError:
         found = ", ".join(repr(f) for f in known_families()) or "none found"
         return ValueError(f"config.task is {name!r}, but {why}; known families: {found}")
 
-    if not isinstance(name, str) or not name.isidentifier():
+    if not dotted:
         raise unknown(f"a model family is named by a package with a task.py defining {ENTRY}")
     try:
         family = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name not in (name, module):  # the family exists but one of its imports is missing
+        prefixes = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 2)}
+        if e.name not in prefixes:  # the family exists but one of its imports is missing
             raise
         raise unknown(f"there is no module {module}") from None
     entry = getattr(family, ENTRY, None)
@@ -92,13 +101,14 @@ def make_task(config: ml_collections.ConfigDict, workdir: Path | None = None) ->
 
 
 def known_families() -> list[str]:
-    """Packages next to `m3ae` whose task.py defines the entry function (for error messages)."""
+    """Packages next to `m3ae`, and their subpackages, whose task.py defines the entry
+    function (for error messages), as dotted names."""
     root = Path(__file__).resolve().parents[2]
     found = []
-    for path in sorted(root.glob("*/task.py")):
+    for path in sorted([*root.glob("*/task.py"), *root.glob("*/*/task.py")]):
         try:
             if f"def {ENTRY}(" in path.read_text():
-                found.append(path.parent.name)
+                found.append(".".join(path.parent.relative_to(root).parts))
         except OSError:
             continue
-    return found
+    return sorted(found)

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from tqdm import tqdm
 
@@ -210,9 +211,9 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, check: bool) -> Run:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     if check:
         check_inputs(config, mesh)  # shards, batch split, sizes: before any compile
-    total_steps, steps_per_epoch = schedule_length(config)
-    tx, schedule = make_optimizer(config.optim, total_steps, steps_per_epoch)
     task = make_task(config, path)  # the family named by config.task, imported by name
+    total_steps, steps_per_epoch = schedule_length(task.config)  # as the family completed it
+    tx, schedule = make_optimizer(config.optim, total_steps, steps_per_epoch, task.lr_scales)
     check_hooks(tuple(task.config.eval.hooks), task.hooks)  # a typo fails before any compile
     init, rng = init_state(task, tx, task.config.seed)
     abstract = jax.eval_shape(init, rng)
@@ -256,8 +257,20 @@ def resume(run: Run) -> tuple[Any, int, Any]:
         )
         return state, start_step, data_state
     state = jax.jit(run.init, out_shardings=run.shardings)(run.rng)
+    if run.task.initial_params is not None:  # e.g. a pretrained encoder, from host arrays
+        start = run.task.initial_params(state["params"])
+        state["params"] = jax.tree.map(place, start, run.shardings["params"])
     storage.write_text(run.workdir / "config.json", json.dumps(run.config_dict, indent=2) + "\n")
     return state, 0, None
+
+
+def place(value: Any, sharding: Any) -> Any:
+    """A host array laid out by `sharding` (each process places its own devices' part); a
+    device array is kept as it is."""
+    if isinstance(value, jax.Array):
+        return value
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 class Feed:
