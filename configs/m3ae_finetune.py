@@ -23,8 +23,17 @@ Paper scale (MAE fine-tuning of ViT-B, as the original M3AE `finetune_main.py` s
 (b1 0.9, b2 0.999, weight decay 0.05), base LR 5e-4 x batch / 256 with batch 1024, 5 warm-up
 epochs then cosine, 100 epochs, layer decay 0.65 (ViT-B; the original code's default is 0.75),
 drop path 0.1, Mixup 0.8, CutMix 1.0, switch probability 0.5, label smoothing 0.1,
-RandAugment rand-m9-mstd0.5-inc1, 224 px, global average pooling. The CPU recipe keeps the
-regularisers and shrinks the schedule: 64 px, batch 64, 15 epochs of the training part.
+RandAugment rand-m9-mstd0.5-inc1, 224 px, global average pooling.
+
+`cpu` (64 px, batch 64, the `mini` encoder of `m3ae_pretrain.py:local`), chosen by measurement
+on MNIST (2,000 train / 2,000 test; not a dataset the results are reported on) with the encoder
+of a `local` pretraining (seed 0), whose ridge probe scores 63.8% there. Fine-tuned top-1, 15
+epochs: the paper-scale regularisers at base LR 1e-3 30.1%; base LR 4e-3 48.1%; + crops of
+0.5-1 of the area (not 0.2-1: a 28 px digit or garment cut to a fifth is another picture) 55.8%;
++ no Mixup / CutMix 69.2% (with them, base LR 1e-2: 60.7%); base LR 1e-2 75.5% (2e-2: 69.5%;
+crops 0.8-1: 77.8%); 30 epochs 83.1%, the recipe. Mixup and CutMix pay off over hundreds of
+epochs (DeiT, MAE); on 2,000 images for 30 they only add noise. Label smoothing 0.1, drop path
+0.1 and layer decay 0.75 stay.
 """
 
 from __future__ import annotations
@@ -72,8 +81,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
             exclude_trained=True,  # leave out the samples of the init model's trained_on shards
             num_classes=0,  # 0 = the dataset's class names (classes.json)
             layer_decay=0.75 if cpu else LAYER_DECAY[size],  # 1 = off
-            mixup_alpha=0.8,
-            cutmix_alpha=1.0,
+            mixup_alpha=0.0 if cpu else 0.8,  # 0 = off
+            cutmix_alpha=0.0 if cpu else 1.0,
             switch_prob=0.5,
             label_smoothing=0.1,
         )
@@ -88,7 +97,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
             image_size=64 if cpu else 224,  # 0 = the init model's
             mean=(),  # () = the init model's normalization
             std=(),
-            crop_scale=(0.2, 1.0) if cpu else (0.08, 1.0),  # RandomResizedCrop's area range
+            crop_scale=(0.5, 1.0) if cpu else (0.08, 1.0),  # RandomResizedCrop's area range
             randaugment="" if cpu else "rand-m9-mstd0.5-inc1",
             num_examples=0,  # per epoch, for the schedule; 0 = the train part's size
             shuffle_buffer=1000 if cpu else 10_000,
@@ -105,13 +114,13 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(
         dict(
             batch_size=64 if cpu else 1024,
-            base_lr=1e-3 if cpu else 5e-4,  # x batch_size / 256
+            base_lr=1e-2 if cpu else 5e-4,  # x batch_size / 256
             b1=0.9,
             b2=0.999,
             weight_decay=0.05,
             decay_mask="kernels",
             warmup_epochs=1.0 if cpu else 5.0,
-            epochs=15 if cpu else (50 if size in ("large", "huge") else 100),
+            epochs=30 if cpu else (50 if size in ("large", "huge") else 100),
             steps=0,
             grad_clip_norm=0.0,
             grad_accum_steps=1,

@@ -111,8 +111,9 @@ def test_finetuning_raises_accuracy_and_the_model_directory_round_trips(digits, 
 
 def test_resume_is_exact_with_mixing_drop_path_and_layer_decay(digits, tmp_path):
     extra = ("optim.steps=6", "logging.every=1", "eval.every=0", "checkpoint.every=3")
-    cfg = config(digits, tmp_path / "cache", *extra)
-    assert cfg.finetune.mixup_alpha > 0 and cfg.model.drop_path > 0
+    mixing = ("finetune.mixup_alpha=0.8", "finetune.cutmix_alpha=1.0")  # the paper's recipe
+    cfg = config(digits, tmp_path / "cache", *extra, *mixing)
+    assert cfg.model.drop_path > 0
     assert cfg.finetune.layer_decay < 1
     train(cfg, str(tmp_path / "whole"), progress=False)
     train(cfg, str(tmp_path / "cut"), progress=False, stop_after=3)
