@@ -197,3 +197,37 @@ def test_bad_samples_are_skipped_counted_and_never_crash(clipart, tmp_path):
     assert sum(stats["shards"][str(cut)]["skipped"].values()) == 1
     used_keys = {k for b in batches for k in b.keys}
     assert {"good", "good_with_pickle", "json_caption"} <= used_keys
+
+
+def test_samples_without_a_class_are_skipped_and_counted_when_one_is_required(fashion, tmp_path):
+    """A classifier's loader (`require_cls`) skips unlabelled samples, counted as `missing_cls`;
+    `crop_scale` bounds the training crop's area."""
+    from pipelines.shard_writer import copy_samples
+    from pipelines.shards import read_shard
+
+    samples = []
+    for i, raw in enumerate(read_shard(fashion[0])):
+        members = dict(raw.members)
+        if i % 4 == 0:  # every fourth sample loses its label
+            members.pop("cls")
+            members["json"] = b"{}"
+        samples.append((raw.key, members))
+    assert copy_samples(samples, tmp_path / "shards") == 32
+    urls = str(tmp_path / "shards" / "00000.tar")
+    kw = dict(kind="image", batch_size=8, train=False, epochs=1, drop_remainder=False)
+    labelled = loader(urls, require_cls=True, **kw)
+    rows = np.concatenate([b.arrays["cls"] for b in labelled])
+    assert len(rows) == 24 and (rows >= 0).all()
+    assert labelled.stats.skipped == {"missing_cls": 8} and labelled.stats.seen == 32
+    everything = np.concatenate([b.arrays["cls"] for b in loader(urls, **kw)])
+    assert len(everything) == 32 and (everything < 0).sum() == 8
+    # Crops of the whole area: every training image is the evaluation one, or its mirror image.
+    whole = next(iter(loader(fashion, kind="image", crop_scale=(1.0, 1.0), train=True)))
+    evaluation = {}
+    for batch in loader(fashion, kind="image", train=False, epochs=1):
+        evaluation.update(zip(batch.keys, batch.arrays["image"], strict=True))
+    for key, image in zip(whole.keys, whole.arrays["image"], strict=True):
+        reference = evaluation[key]
+        assert (image == reference).all() or (image == reference[:, ::-1]).all()
+    with pytest.raises(ValueError, match="crop_scale"):
+        loader(fashion, crop_scale=(0.0, 1.0))
