@@ -21,7 +21,8 @@ def setup_model(reference, impl: str, **overrides):
     config = infer_config(flat, meta)
     config.pop("image_size", None)
     config.pop("text_length", None)
-    model = M3AE(**config, masking="per_batch", attention_impl=impl, **overrides)
+    # The file's own flags (loss weights, all-token losses, ...) unless a test overrides them.
+    model = M3AE(**{**config, "masking": "per_batch", "attention_impl": impl, **overrides})
     params = jax.tree.map(jnp.asarray, to_m3ae_params(flat))
     return model, {"params": params}
 
