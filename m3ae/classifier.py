@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3ae.mixing import Mixing, mix_batch, smooth_labels, soft_cross_entropy
-from m3ae.model import model_inputs
+from m3ae.model import M3AE, model_inputs
 from m3ae.model_dir import Format
 from m3ae.patches import patchify
 from m3ae.transformer import Transformer, layer_norm, precision_dtypes, sincos_2d
@@ -55,7 +55,8 @@ ENCODER_FIELDS = ("emb_dim", "depth", "num_heads", "mlp_ratio", "patch_size")
 def classifier_config(m3ae_config: dict[str, Any], num_classes: int, **options: Any) -> dict:
     """Classifier keyword arguments for the encoder of an M3AE config (`model_config(...)` or a
     model directory's `model`), plus `options` (pool, drop_path, precision, ...)."""
-    cfg = {k: m3ae_config[k] for k in ENCODER_FIELDS if k in m3ae_config}
+    defaults = M3AE.__dataclass_fields__  # what a preset leaves at M3AE's defaults (patch 16)
+    cfg = {k: m3ae_config.get(k, defaults[k].default) for k in ENCODER_FIELDS}
     for k in ("dtype", "precision", "scan", "remat", "attention_impl"):
         if k in m3ae_config:
             cfg[k] = m3ae_config[k]

@@ -35,6 +35,7 @@ def test_finetune_config_builds_a_classifier(arg):
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
     )
     assert shapes["params"]["head"]["kernel"].shape == (model.emb_dim, 10)
+    assert model.patch_size == (8 if arg.startswith("cpu") else 16)
     assert 0 < config.finetune.layer_decay < 1 and config.model.drop_path > 0
     if arg == "base":  # MAE's ViT-B fine-tuning recipe
         assert (config.finetune.layer_decay, config.optim.base_lr) == (0.65, 5e-4)
