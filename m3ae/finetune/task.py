@@ -191,6 +191,12 @@ def _prepare(config: ml_collections.ConfigDict, pretrained: dict, init: str) -> 
     exclusion = build_exclusion(
         trained_on, data.exclude_keys or None, data.exclude_shards or None, init or None
     )
+    if exclusion.unread and jax.process_index() == 0:
+        print(
+            f"fine-tune: warning: {len(exclusion.unread)} shard(s) the encoder trained on are not "
+            f"local files, so their samples are not left out: {exclusion.unread[:3]}",
+            flush=True,
+        )
     size = int(data.image_size or pretrained["preprocess"].get("image_size", 256))
 
     def run() -> Prepared:
