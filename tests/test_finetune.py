@@ -23,6 +23,9 @@ from m3ae.trainer.train import train
 from pipelines.loader import Loader
 from pipelines.shards import shard_keys
 
+# Each test trains in this process (loaders' threads, the prefetch thread): a hard bound.
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:

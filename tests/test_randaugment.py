@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_loader import loader, take  # the loader tests' own helpers
 
 from pipelines.images import decode_image, preprocess
-from pipelines.loader import Loader
 from pipelines.randaugment import (
     INCREASING_OPS,
     OPS,
@@ -242,26 +242,6 @@ def test_preprocess_option():
     plain = preprocess(data, 32, True, rng, name="k")
     np.testing.assert_array_equal(augmented, pixels(ra(Image.fromarray(plain), rng)))
     np.testing.assert_array_equal(run(0, train=False, randaugment=ra), run(0, train=False))
-
-
-def loader(urls, **kw):
-    args = dict(
-        kind="paired",
-        batch_size=8,
-        image_size=32,
-        text_length=16,
-        seed=1,
-        shuffle_buffer=16,
-        workers=2,
-        process_index=0,
-        process_count=1,
-        snapshot_every=5,
-    )
-    return Loader(urls, **{**args, **kw})
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
 
 
 def test_loader_option_changes_pixels_and_stays_reproducible(clipart_shards):

@@ -103,7 +103,7 @@ def _count(urls: list[str]) -> int:
     return sum(len(shard_keys(u)) for u in urls if "://" not in u and not u.startswith("pipe:"))
 
 
-def _samples(spec: Dataset, part: str, source: Any, unread: Counter) -> Iterator[tuple]:
+def _samples(spec: Dataset, source: Any, unread: Counter) -> Iterator[tuple]:
     """`(key, members)` of one part: the raw members of its shards, or a class folder's image
     files as `jpg`/`png`/... plus a `cls` member. Read errors are counted in `unread`."""
     if spec.labels == "folder":
@@ -141,7 +141,7 @@ def _copy(
         for source_part, source in sources.items():
             if source_part not in (part, "all"):
                 continue
-            for key, members in _samples(spec, source_part, source, unread):
+            for key, members in _samples(spec, source, unread):
                 side = source_part if source_part != "all" else PARTS[int(in_test(key))]
                 if side != part:
                     continue
