@@ -24,6 +24,8 @@ from pipelines.text import text_data_config
 
 # `m3ae shards --source shakespeare --out data/shakespeare` writes these.
 SHAKESPEARE = "data/shakespeare"
+# What `--config lm_fcm:RECIPE` takes (read without importing this file, for `--help`).
+RECIPES = ("tiny", "small", "base")
 VARIANTS = ("nofcm", "tfcm", "pair")
 
 

@@ -44,6 +44,8 @@ from m3ae.evaluate.probe_data import DEFAULT_CACHE
 from m3ae.model import SIZES
 
 PAPER = ("small", "base", "large", "huge")
+# What `--config m3ae_finetune:RECIPE` takes (read without importing this file, for `--help`).
+RECIPES = ("cpu", "small", "base", "large", "huge")
 LAYER_DECAY = {"small": 0.75, "base": 0.65, "large": 0.75, "huge": 0.75}  # MAE's for B and L
 DROP_PATH = {"small": 0.1, "base": 0.1, "large": 0.2, "huge": 0.3}
 

@@ -57,6 +57,8 @@ CPU_VAL = CPU_SHARDS + "/00000.tar"
 CPU_EXAMPLES = 5_234  # the schedule's epoch: 12 x 81 steps (the shards hold 5,434 drawings)
 
 
+# What `--config m3ae_pretrain:RECIPE` takes (read without importing this file, for `--help`).
+RECIPES = ("local", "cpu", "tiny", "mini", "small", "base", "large", "huge")
 VARIANTS = ("mae",)
 
 

