@@ -57,7 +57,7 @@ class Example:
     image: np.ndarray | None
     caption: str | None  # None when dropped or absent
     cls: int
-    url: str | None = None  # the source url from the sample's json, else its shard
+    url: str | None = None  # the source url from the sample's json (None without one)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Batch:
     arrays: dict[str, np.ndarray]
     keys: list[str]
     state: dict[str, Any]  # restore with Loader(..., state=batch.state) to continue after it
-    urls: list[str] = field(default_factory=list)  # per row, for metadata
+    urls: list[str] = field(default_factory=list)  # per row: its json's url, else its shard
 
 
 def caption_dropped(key: str, rate: float, seed: int) -> bool:
@@ -143,7 +143,7 @@ def make_example(
         except ImageError as e:
             return e.reason
     url = meta.get("url") if isinstance(meta.get("url"), str) else None
-    return Example(raw.key, raw.shard, image, caption, cls, url or raw.shard)
+    return Example(raw.key, raw.shard, image, caption, cls, url)
 
 
 class Stats:
@@ -377,12 +377,12 @@ class Loader:
             examples.append(result)
             if len(examples) == self.batch_size:
                 self.batches += 1
-                keys, urls = [e.key for e in examples], [e.url for e in examples]
+                keys, urls = [e.key for e in examples], [e.url or e.shard for e in examples]
                 yield Batch(self._collate(examples), keys, self.state_at(n + 1), urls)
                 examples = []
         if examples and not self.drop_remainder:
             self.batches += 1
-            keys, urls = [e.key for e in examples], [e.url for e in examples]
+            keys, urls = [e.key for e in examples], [e.url or e.shard for e in examples]
             yield Batch(self._collate(examples), keys, self.state_at(self._emitted), urls)
 
     def _collate(self, examples: list[Example]) -> dict[str, np.ndarray]:

@@ -4,8 +4,11 @@
     summary = write_shards(openclipart_records(root, 256), "data/openclipart", 1000)
 
 Output: ``00000.tar, 00001.tar, ...`` each holding per sample ``KEY.cls`` (only with a class),
-``KEY.jpg`` (or ``.png``), ``KEY.json`` and ``KEY.txt``, in that order; ``00000_stats.json`` per
-shard, and at the end ``stats.json`` (summary) and ``classes.json`` (class names by index).
+``KEY.jpg`` (or ``.png``), ``KEY.json`` and ``KEY.txt``, in that order; per shard, as img2dataset
+writes them, ``00000_stats.json`` (its fields: count, successes, failed_to_download, ...) and
+``00000.parquet`` (a row per entry: the ``KEY.json`` of a sample, the status of a skip), see
+`pipelines/shard_stats.py`; at the end ``stats.json`` (our summary) and ``classes.json`` (class
+names by index).
 
 Tars are byte-for-byte reproducible (fixed mtime/owner/mode, no wall-clock data inside) and are
 written under a ``.tar.tmp`` name, renamed when complete, so a crash never leaves a ``*.tar`` that
@@ -38,6 +41,7 @@ from pipelines.shard_records import (
     labelled_records,
     openclipart_records,
 )
+from pipelines.shard_stats import shard_stats, skip_row, skipped_by_reason, write_parquet
 
 __all__ = [
     "Record",
@@ -50,7 +54,9 @@ __all__ = [
 ]
 
 _KEY_OK = re.compile(r"[A-Za-z0-9_-]+")
-_OUTPUTS = re.compile(r"\d{5}(_stats\.json|\.tar|\.tar\.tmp)|stats\.json|classes\.json")
+_OUTPUTS = re.compile(
+    r"\d{5}(_stats\.json|\.tar|\.tar\.tmp|\.parquet|\.parquet\.tmp)|stats\.json|classes\.json"
+)
 _MAX_EXAMPLES = 100  # skipped keys listed per shard; the counts are always complete
 
 
@@ -75,6 +81,8 @@ def _members(rec: Record, data: bytes, width: int, height: int, image_format: st
         "key": rec.key,
         "caption": rec.caption,
         "url": rec.url,
+        "status": "success",  # img2dataset's two fields of a written sample
+        "error_message": None,
         "cls": rec.cls,
         "label": rec.label,
         "width": width,
@@ -100,9 +108,11 @@ class _Shard:
         self.file = open(self.tmp, "wb")
         # PAX is also what webdataset's TarWriter uses; headers only grow for long names.
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
-        self.start, self.written, self.skipped = time.perf_counter(), 0, Counter()
+        self.start, self.written, self.skipped = time.time(), 0, Counter()
         self.examples: list[dict[str, str]] = []
-        self.seconds, self.bytes, self.done = 0.0, 0, False
+        self.rows: list[dict[str, Any]] = []  # the parquet's (write_shards fills it)
+        self.end: float | None = None
+        self.bytes, self.done = 0, False
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         for ext, data in members:
@@ -115,6 +125,7 @@ class _Shard:
 
     def skip(self, skip: Skip) -> None:
         self.skipped[skip.reason] += 1
+        self.rows.append(skip_row(skip.key, skip.reason, skip.detail))
         if len(self.examples) < _MAX_EXAMPLES:
             self.examples.append({"key": skip.key, "reason": skip.reason, "detail": skip.detail})
 
@@ -124,8 +135,7 @@ class _Shard:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
-        self.seconds, self.bytes = time.perf_counter() - self.start, self.path.stat().st_size
-        self.done = True
+        self.bytes, self.done = self.path.stat().st_size, True
 
     def abort(self) -> None:
         """Drop the partial tar: nothing that looks like a shard is left behind."""
@@ -133,16 +143,14 @@ class _Shard:
         self.tmp.unlink(missing_ok=True)
         self.done = True
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "shard": self.path.name,
-            "written": self.written,
-            "skipped": sum(self.skipped.values()),
-            "skipped_by_reason": dict(sorted(self.skipped.items())),
-            "skipped_examples": self.examples,
-            "bytes": self.bytes,
-            "seconds": round(self.seconds, 3),
-        }
+    def finish(self, out_dir: Path) -> dict[str, Any]:
+        """Write the shard's ``.parquet`` then its ``_stats.json``; returns the stats."""
+        self.end = self.end or time.time()  # after the skips that follow a full shard
+        stats = shard_stats(self.written, self.skipped, self.start, self.end)
+        stats |= {"shard": self.path.name, "bytes": self.bytes, "skipped_examples": self.examples}
+        write_parquet(out_dir / f"{self.name}.parquet", self.rows)
+        _write_json(out_dir / f"{self.name}_stats.json", stats)
+        return stats
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -212,13 +220,13 @@ def write_shards(
                 continue
             if current is None or current.written == samples_per_shard:
                 if current is not None:
-                    shards.append(current.stats())
-                    _write_json(out / f"{current.name}_stats.json", shards[-1])
+                    shards.append(current.finish(out))
                 current = _Shard(out, len(shards))
                 for skip in pending:
                     current.skip(skip)
                 pending.clear()
             current.add(rec.key, members)
+            current.rows.append(json.loads(dict(members)["json"]))
             if rec.cls is not None:
                 seen_labels.setdefault(
                     rec.cls, rec.label if rec.label is not None else str(rec.cls)
@@ -227,7 +235,7 @@ def write_shards(
                 current.close()
     except BaseException:
         if current is not None and current.done:  # finished shards keep their stats file
-            _write_json(out / f"{current.name}_stats.json", current.stats())
+            current.finish(out)
         elif current is not None:
             current.abort()
         raise
@@ -236,14 +244,13 @@ def write_shards(
     if current is not None:
         if not current.done:
             current.close()
-        shards.append(current.stats())
-        _write_json(out / f"{current.name}_stats.json", shards[-1])
+        shards.append(current.finish(out))
     if classes is None and seen_labels:
         classes = [seen_labels.get(i, str(i)) for i in range(max(seen_labels) + 1)]
     skipped = Counter(s.reason for s in pending)
     for shard in shards:
-        skipped.update(shard["skipped_by_reason"])
-    written = sum(s["written"] for s in shards)
+        skipped.update(skipped_by_reason(shard))
+    written = sum(s["successes"] for s in shards)
     summary = {
         "out_dir": str(out),
         "written": written,
@@ -277,6 +284,7 @@ def _check(
     if rec.image is None:  # a text-only document (pipelines.text_shards): KEY.json + KEY.txt
         seen.add(rec.key)
         meta = {"key": rec.key, "title": rec.label, "url": rec.url, "source": rec.source}
+        meta |= {"status": "success", "error_message": None}
         return rec, [
             ("json", json.dumps(meta, ensure_ascii=False).encode()),
             ("txt", rec.caption.encode()),

@@ -185,6 +185,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "test_unpaired_text_loss_weight": (SLOW,),
     "test_the_mae_never_builds_text_parameters": (SLOW,),
     "test_layout_rows_and_alignment": (SLOW,),
+    "test_metadata_has_clip_retrieval_columns": (SLOW,),
     "test_float32_mean_pool_without_normalisation": (SLOW,),
     "test_resume_recomputes_only_missing_partitions": (SLOW,),
     "test_folder_and_file_list_skip_corrupt_images": (SLOW,),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -85,7 +86,7 @@ def test_layout_rows_and_alignment(embedded, model_dir, clipart_shards):
         m = part["meta"]
         assert {len(part[k]) for k in KINDS} == {len(m["key"])}
         assert all(part[k].dtype == np.float16 and part[k].shape[1] == 64 for k in KINDS)
-        assert set(m["url"]) == {shard} and all(m["caption"]) and min(m["label"]) >= -1
+        assert set(m["shard"]) == {shard} and all(m["caption"]) and min(m["label"]) >= -1
         for k in KINDS:
             np.testing.assert_allclose(np.linalg.norm(part[k].astype(np.float32), axis=1), 1, 2e-3)
         rows += len(m["key"])
@@ -99,6 +100,45 @@ def test_layout_rows_and_alignment(embedded, model_dir, clipart_shards):
             for k in KINDS if key in want else ():
                 w = want[key][k] / np.linalg.norm(want[key][k])
                 np.testing.assert_allclose(part[k][row].astype(np.float32), w, atol=2e-3)
+
+
+# clip-retrieval's metadata columns, as clip_retrieval/clip_inference/writer.py (OutputSink,
+# rom1504/clip-retrieval@b05533561e801db4fcfb5af0743321e8654f2f01) writes them for images with
+# captions and --enable_metadata: "image_path" (reader.py: a webdataset sample's
+# item["__key__"], a file's path), "caption", then the fields of the sample's .json less those
+# two (img2dataset's "url", "key", ...). Then ours: the cls label and the shard read.
+CLIP_RETRIEVAL = {"image_path": "string", "caption": "string", "url": "string", "key": "string"}
+OURS = {"label": "int64", "shard": "string"}
+
+
+def test_metadata_has_clip_retrieval_columns(embedded, model_dir, clipart_shards, tmp_path):
+    out, _ = embedded
+    table = pq.read_table(out / "metadata" / "metadata_0.parquet")
+    assert [(f.name, str(f.type)) for f in table.schema] == [*(CLIP_RETRIEVAL | OURS).items()]
+    with tarfile.open(clipart_shards[0]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    samples = {n[:-5]: json.loads(b) for n, b in members.items() if n.endswith(".json")}
+    m = table.to_pydict()
+    assert len(m["key"]) == len(samples)
+    for i, key in enumerate(m["key"]):
+        assert m["url"][i] == samples[key]["url"] and Path(m["url"][i]).suffix == ".svg"
+        assert m["image_path"][i] == key == samples[key]["key"]
+        assert m["caption"][i] == samples[key]["caption"] and m["label"][i] == samples[key]["cls"]
+        assert m["shard"][i] == clipart_shards[0]
+    # A sample without a .json has no url: null, never the shard's path.
+    bare = tmp_path / "bare.tar"
+    with tarfile.open(bare, "w") as tar:
+        for name in [n for n in members if n.endswith((".jpg", ".txt"))][:6]:
+            info = tarfile.TarInfo(name)
+            info.size = len(members[name])
+            tar.addfile(info, io.BytesIO(members[name]))
+    embed(model_dir, str(bare), tmp_path / "bare", **FAST)
+    m = load(tmp_path / "bare", 0)["meta"]
+    assert m["url"] == [None] * 3 and m["image_path"] == m["key"] and m["shard"] == [str(bare)] * 3
+    # An output of the former format (url = the shard) is written again whole, not mixed.
+    path = tmp_path / "bare" / "manifest.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"format": "m3ae-embed/1"}))
+    assert embed(model_dir, str(bare), tmp_path / "bare", **FAST)["computed"] == [0]
 
 
 def test_float32_mean_pool_without_normalisation(model_dir, clipart_shards, tmp_path):
@@ -153,8 +193,12 @@ def test_folder_and_file_list_skip_corrupt_images(model_dir, clipart_shards, tmp
         "seen": 6,
         "skipped": {"missing_caption": 1, "undecodable": 1},
     }
-    keys = [k for i in range(3) for k in load(tmp_path / "a", i, ("image",))["meta"]["key"]]
+    metas = [load(tmp_path / "a", i, ("image",))["meta"] for i in range(3)]
+    keys = [k for m in metas for k in m["key"]]
     assert len(keys) == 4 and sum(k.startswith("sub/") for k in keys) == 2
+    paths = [p for m in metas for p in m["image_path"]]  # clip-retrieval's: the file's path
+    assert paths == [str(images / f"{k}.jpg") for k in keys]
+    assert {v for m in metas for v in m["url"] + m["shard"]} == {None}
     listing = sorted(str(p.relative_to(images)) for p in images.rglob("*.jpg"))
     (images / "files.txt").write_text("\n".join(listing) + "\n")
     listed = embed(model_dir, images / "files.txt", tmp_path / "b", kinds="image,text", **FAST)

@@ -57,13 +57,48 @@ def first_run(fm_shards, model_dir, tmp_path_factory) -> Path:
     return out
 
 
+# CLIP_benchmark's result file (LAION-AI/CLIP_benchmark@48de38c1689fa6d8b4dd53e3370c669c3bb18117):
+# clip_benchmark/cli.py writes `dump = {"dataset": args.dataset, "model": args.model,
+# "pretrained": args.pretrained, "task": task, "metrics": metrics, "language": args.language}`,
+# README.md's example (zero-shot; a linear probe differs in `task` and `metrics`):
+CLIP_BENCHMARK_EXAMPLE = {
+    "dataset": "imagenet1k",
+    "model": "ViT-B-32-quickgelu",  # the architecture (--model)
+    "pretrained": "rinna/japanese-cloob-vit-b-16",  # the checkpoint: a tag or a path
+    "task": "zeroshot_classification",
+    "metrics": {"acc1": 0.54636, "acc5": 0.72856, "mean_per_class_recall": 0.54522},
+    "language": "jp",  # --language, "en" by default
+}
+# clip_benchmark/metrics/linear_probe.py `evaluate` returns, as `metrics` of task "linear_probe":
+LINEAR_PROBE_METRICS = {
+    "lp_acc1": float,  # fractions in [0, 1]
+    "lp_acc5": float,
+    "lp_mean_per_class_recall": float,
+    "weight_decay": float,
+    "epochs": int,
+    "seed": int,
+    "fewshot_k": int,  # -1: the whole train set
+    "normalized": bool,  # L2-normalized features
+}
+
+
 def test_cli_writes_clip_benchmark_json_and_png(first_run, model_dir):
     r = json.loads((first_run / "probe.json").read_text())
+    assert list(r)[:6] == list(CLIP_BENCHMARK_EXAMPLE)  # its fields, first; ours follow
+    for key, value in CLIP_BENCHMARK_EXAMPLE.items():
+        assert type(r[key]) is type(value), key
+    assert r["dataset"].startswith("shards:") and r["language"] == "en"
+    assert r["model"] == "m3ae-tiny-8" and r["pretrained"] == str(model_dir)
     assert r["task"] == "linear_probe" and r["evaluator"] == "ridge"
-    assert r["model"] == str(model_dir) and r["step"] == 3 and r["pool"] == "cls"
-    assert set(r["metrics"]) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"}
-    for name, value in r["metrics"].items():
-        assert r[name] == value and 0.0 <= value <= 1.0
+    m = r["metrics"]
+    assert list(m) == list(LINEAR_PROBE_METRICS)
+    for key in ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "seed", "fewshot_k"):
+        assert type(m[key]) is LINEAR_PROBE_METRICS[key] and m[key] == r[key], key
+    assert all(0.0 <= m[k] <= 1.0 for k in ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall"))
+    # Ridge has no weight decay or epochs (its l2_reg is ours); it fits the raw features.
+    assert (m["weight_decay"], m["epochs"], m["normalized"]) == (None, None, False)
+    assert m["fewshot_k"] == -1 and m["seed"] == 0
+    assert r["random_init"] is None and r["step"] == 3 and r["pool"] == "cls"
     # Even random-init CLS features separate clothes far above chance (10%).
     assert r["lp_acc1"] > 0.35 and r["lp_acc5"] >= r["lp_acc1"]
     assert r["seed"] == 0 and r["shots"] is None and r["l2_reg"] > 0
@@ -87,7 +122,7 @@ def test_second_run_reuses_features(first_run, fm_shards, model_dir):
     assert r["features"]["train"] == {"rows": 300, "embedded_partitions": 0}
     assert r["features"]["test"] == {"rows": 200, "embedded_partitions": 0}
     assert r["evaluator"] == "logistic" and r["weight_decay_selected_by"] == "held-out"
-    assert r["lp_acc1"] > 0.35
+    assert r["lp_acc1"] > 0.35 and r["metrics"]["weight_decay"] == r["weight_decay"] > 0
     # The per-evaluator copies keep both runs; probe.json is the latest.
     assert json.loads((first_run / "probe_ridge.json").read_text())["evaluator"] == "ridge"
     assert json.loads((first_run / "probe.json").read_text())["evaluator"] == "logistic"
@@ -101,6 +136,7 @@ def test_npy_dataset_gives_the_same_probe(first_run, tmp_path):
     r = probe(None, f"npy:{tmp_path}", "ridge", tmp_path / "out", progress=False)
     shards = json.loads((first_run / "probe_ridge.json").read_text())
     assert r["lp_acc1"] == shards["lp_acc1"] and r["l2_reg"] == shards["l2_reg"]
+    assert (r["model"], r["pretrained"], r["metrics"]) == ("", "", shards["metrics"])
     assert r["classes"] == [str(i) for i in range(10)]  # no classes.json given
 
 
@@ -120,7 +156,8 @@ def test_named_dataset_fewshot_and_random_init(model_dir, tmp_path):
         workers=2,
     )
     assert (cache / "fashion-mnist-train-n120" / "stats.json").is_file()
-    assert r["model"].startswith("random-init:") and r["step"] == 0
+    assert r["random_init"] == str(model_dir) and r["step"] == 0
+    assert r["model"] == "m3ae-tiny-8" and Path(r["pretrained"]).name.startswith("random-init-")
     assert r["train_size"] == 120 and r["test_size"] == 120
     assert set(r["fewshot"]) == {"1", "5"}
     one, five = r["fewshot"]["1"], r["fewshot"]["5"]
@@ -141,6 +178,7 @@ def test_class_folder_tree_split_by_key(model_dir, tmp_path):
     keys = [f"{names[int(labels[i])]}/{i}" for i in np.flatnonzero(np.isin(labels, list(names)))]
     assert r["test_size"] == sum(in_test(k) for k in keys[:90])
     assert r["train_size"] + r["test_size"] == 90 and r["lp_acc1"] > 0.6  # 3 easy classes
+    assert r["lp_acc5"] == 1.0 and r["metrics"]["lp_acc5"] is None  # CLIP_benchmark: NaN
 
 
 def test_bad_dataset_and_option_name_the_option(model_dir, tmp_path, capsys):
@@ -229,6 +267,7 @@ def test_trained_on_shards_are_excluded(tiny_params, tmp_path, monkeypatch):
     assert r["test_size"] == sum(in_test(k) for k in left)
     assert r["train_size"] + r["test_size"] == 80
     assert r["task"] == "knn" and r["knn_k"] == 20 and r["knn_temperature"] == 0.07
+    assert r["metrics"]["normalized"] is True  # cosine on L2-normalized features
     assert r["converged"] is True and 0.0 <= r["train_acc1"] <= 1.0
 
     # The feature cache holds every sample: without the exclusion nothing is re-embedded.

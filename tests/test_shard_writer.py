@@ -93,7 +93,8 @@ def test_openclipart_stats_add_up(openclipart):
     for i, shard in enumerate(stats["shard_stats"]):
         assert json.loads((out / f"{i:05d}_stats.json").read_text()) == shard
         assert shard["bytes"] == (out / shard["shard"]).stat().st_size
-    assert sum(s["written"] for s in stats["shard_stats"]) == stats["written"]
+    assert sum(s["successes"] for s in stats["shard_stats"]) == stats["written"]
+    assert sum(s["count"] for s in stats["shard_stats"]) == stats["attempted"]
 
 
 def test_openclipart_webdataset_reads_it(openclipart):
@@ -265,11 +266,12 @@ def test_writer_counts_bad_records_and_never_leaves_partial_shards(tmp_path, fai
     with pytest.raises(RuntimeError, match="source broke"):
         write_shards(_mixed(fail_after), tmp_path, samples_per_shard=2, progress=False)
     # The complete shard keeps its stats; the partial one (and its .tmp) is gone.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.tar", "00000_stats.json"]
+    names = ["00000.parquet", "00000.tar", "00000_stats.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
     stats = json.loads((tmp_path / "00000_stats.json").read_text())
-    assert stats["written"] == 2
-    assert stats["skipped_by_reason"] == {
-        "bad_key": 1, "duplicate_key": 1, "encode_error": 1, "why_not": 1
+    assert (stats["count"], stats["successes"], stats["failed_to_resize"]) == (6, 2, 1)
+    assert stats["status_dict"] == {
+        "bad_key": 1, "duplicate_key": 1, "encode_error": 1, "success": 2, "why_not": 1
     }  # fmt: skip
     assert [e["key"] for e in stats["skipped_examples"]] == ["early", "a", "b.c", "d"]
 
@@ -282,6 +284,7 @@ def test_writer_refuses_stale_output(tmp_path):
     summary = write_shards([Record("z", IMAGE, "x")], tmp_path, overwrite=True, progress=False)
     assert summary["written"] == 1 and summary["num_classes"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00000.parquet",
         "00000.tar",
         "00000_stats.json",
         "stats.json",

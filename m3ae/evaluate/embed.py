@@ -11,8 +11,13 @@ Output (the rows of partition i are aligned across its files):
     img_emb/img_emb_{i}.npy        image-only feature (rows, D); float16 unless --dtype float32
     text_emb/text_emb_{i}.npy      caption-only feature
     joint_emb/joint_emb_{i}.npy    the shared encoder on image and caption together
-    metadata/metadata_{i}.parquet  key, url (shard or file), caption, label (cls, -1 when none)
-    manifest.json                  checkpoint, step, settings, dims, counts, skip reasons, finished
+    metadata/metadata_{i}.parquet  clip-retrieval's image_path (a shard sample's key, as its
+                                   webdataset reader names it; a file's path), caption, url
+                                   (the sample json's; null without one) and key; then ours:
+                                   label (cls, -1 when none), shard (null for files)
+    manifest.json                  format, checkpoint, step, settings, dims, counts, skip
+                                   reasons, finished (a rerun into an output of an older
+                                   format computes every partition again)
 
 Inputs: webdataset shards (anything `pipelines.shards.expand_urls` takes; one partition per
 shard), an image folder (recursive jpg/jpeg/png/webp; key = relative path without extension,
@@ -72,7 +77,7 @@ from m3ae.pretrained import read_config, read_preprocess
 from pipelines.loader import IMAGE_EXTS
 from pipelines.shards import expand_urls
 
-FORMAT = "m3ae-embed/1"
+FORMAT = "m3ae-embed/2"  # /1: metadata columns key, url (the shard), caption, label
 DTYPES = ("float16", "float32")
 
 
@@ -137,7 +142,10 @@ def _manifest(out: Path, settings: Settings, meta: dict, mode: str, total: int) 
             if old.get(field) != manifest[field]:
                 # Mixing models or settings in one output would make rows incomparable.
                 raise ValueError(f"{out} holds embeddings with another {field}; use a new --out")
-        manifest["partitions"] = old.get("partitions", {})
+        if old.get("format") == FORMAT:
+            manifest["partitions"] = old.get("partitions", {})
+        else:  # other metadata columns: every partition is written again, in this format
+            print(f"embed: {out} holds {old.get('format')} files: recomputing all", flush=True)
     return manifest
 
 

@@ -40,6 +40,12 @@ MAX_PIXELS = 50_000_000  # the Loader's default
 SHARD_ERRORS = ("unreadable_shard", "corrupt_tar", "truncated_tar")
 
 Batches = Iterator[tuple[dict[str, np.ndarray], dict[str, list]]]  # (model inputs, metadata)
+# metadata_{i}.parquet: clip-retrieval's columns (clip_retrieval/clip_inference/writer.py): the
+# image's name (for a shard sample its key, as its WebdatasetReader gives `__key__`; for a file
+# its path), the caption, the `url` in the sample's json (null without one) and its `key`;
+# then ours: the `cls` label (-1 when none) and the shard read (null for files).
+METADATA = {"image_path": "string", "caption": "string", "url": "string", "key": "string"}
+METADATA |= {"label": "int64", "shard": "string"}
 
 
 @dataclass(frozen=True)
@@ -73,11 +79,12 @@ def partition_files(out: Path, index: int, kinds: Iterable[str]) -> list[Path]:
 
 
 class _CaptionLoader(Loader):
-    """The Loader, also handing out each sample's caption for the metadata."""
+    """The Loader, also handing out each sample's caption and json url for the metadata."""
 
     def _collate(self, examples: list[Example]) -> dict[str, np.ndarray]:
         arrays = super()._collate(examples)
         arrays["caption"] = np.asarray([e.caption for e in examples], dtype=object)
+        arrays["url"] = np.asarray([e.url for e in examples], dtype=object)
         return arrays
 
 
@@ -136,9 +143,10 @@ class Embedder:
 
         def batches() -> Batches:
             for batch in loader:
-                a, n = batch.arrays, len(batch.keys)
-                meta = {"key": batch.keys, "url": [part.source] * n, "label": a["cls"].tolist()}
-                yield a, {**meta, "caption": list(a["caption"])}
+                a, keys = batch.arrays, batch.keys
+                meta = {"image_path": keys, "caption": list(a["caption"]), "url": list(a["url"])}
+                meta |= {"key": keys, "label": a["cls"].tolist()}
+                yield a, {**meta, "shard": [part.source] * len(keys)}
 
         return batches(), loader.stats
 
@@ -167,8 +175,9 @@ class Embedder:
             if self.needs_text:
                 ids, pad = tokenize(captions, self.s.text_length, self.tokenizer)
                 arrays["text"], arrays["text_padding_mask"] = ids, pad
-            meta = {"key": [e.key for e in good], "url": [e.shard for e in good]}
-            return arrays, {**meta, "caption": captions, "label": [e.cls for e in good]}
+            meta = {"image_path": [e.shard for e in good], "caption": captions}  # e.shard: the file
+            meta |= {"url": [e.url for e in good], "key": [e.key for e in good]}
+            return arrays, {**meta, "label": [e.cls for e in good], "shard": [None] * len(good)}
 
         def results() -> Iterator[Example | str]:
             window: deque = deque()  # decoded ahead in order, with bounded memory
@@ -198,7 +207,7 @@ class Embedder:
         start, tick = time.perf_counter(), tick or (lambda n: None)
         pending: deque[Pending] = deque()
         rows: list[dict[str, np.ndarray]] = []
-        meta: dict[str, list] = {"key": [], "url": [], "caption": [], "label": []}
+        meta: dict[str, list] = {name: [] for name in METADATA}
         batches, stats = self._files(part) if part.files else self._shard(part)
         seen = 0
         for arrays, batch_meta in batches:
@@ -236,9 +245,8 @@ class Embedder:
         for kind, tmp in zip(self.s.kinds, temps, strict=False):
             with open(tmp, "wb") as f:
                 np.save(f, rows[kind])
-        text = pa.string()
-        types = {"key": text, "url": text, "caption": text, "label": pa.int64()}
-        pq.write_table(pa.table({k: pa.array(meta[k], t) for k, t in types.items()}), temps[-1])
+        columns = {k: pa.array(meta[k], getattr(pa, t)()) for k, t in METADATA.items()}
+        pq.write_table(pa.table(columns), temps[-1])
         # Renamed only once every file is complete: a crash never leaves a finished-looking file.
         for tmp, path in zip(temps, paths, strict=True):
             os.replace(tmp, path)

@@ -201,6 +201,41 @@ def run_fewshot(
     return {"evaluator": name, "shots": per_shot, "full": whole}
 
 
+# CLIP_benchmark's result file (clip_benchmark/cli.py `dump`, LAION-AI/CLIP_benchmark@48de38c)
+# and the `metrics` of its linear probe (clip_benchmark/metrics/linear_probe.py `evaluate`).
+CLIP_BENCHMARK_FIELDS = ("dataset", "model", "pretrained", "task", "metrics", "language")
+CLIP_BENCHMARK_METRICS = (*METRICS, "weight_decay", "epochs", "seed", "fewshot_k", "normalized")
+
+
+def clip_benchmark_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """A `run_probe` result's `metrics` as CLIP_benchmark's linear probe reports them:
+    `lp_acc5` is None (CLIP_benchmark: NaN) with 5 classes or fewer, `weight_decay` and
+    `epochs` None for a fit without them (ridge, knn), `fewshot_k` -1 for the full train set,
+    `normalized` whether the features were L2-normalized (knn only; the others fit raw ones)."""
+    return {
+        **{m: result[m] for m in METRICS},
+        "lp_acc5": result["lp_acc5"] if result["num_classes"] > 5 else None,
+        "weight_decay": result.get("weight_decay"),
+        "epochs": result.get("epochs"),
+        "seed": result["seed"],
+        "fewshot_k": result["fewshot_k"],
+        "normalized": result["evaluator"] == "knn",
+    }
+
+
+def architecture_name(config: dict[str, Any]) -> str:
+    """CLIP_benchmark's `model` (an architecture, as open_clip's "ViT-B-32") of M3AE keyword
+    arguments: "m3ae-<size>-<patch>" for a preset's encoder ("m3ae-base-16"), else
+    "m3ae-<width>x<depth>-<patch>"; "mae-..." for an image-only model (use_text=False)."""
+    from m3ae.model import M3AE, SIZES
+
+    m = M3AE(**config)
+    encoder = {"emb_dim": m.emb_dim, "depth": m.depth, "num_heads": m.num_heads}
+    sizes = [n for n, s in SIZES.items() if all(s[k] == v for k, v in encoder.items())]
+    size = sizes[0] if sizes else f"{m.emb_dim}x{m.depth}"
+    return f"{'m3ae' if m.use_text else 'mae'}-{size}-{m.patch_size}"
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()

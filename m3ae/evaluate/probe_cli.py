@@ -26,12 +26,19 @@ keys of the shards in the model directory's `trained_on` record (also for `--ran
 that model, so both see the same sets; `--no-exclude-trained` keeps them), of
 `--exclude-shards URLS` and of `--exclude-keys FILE`.
 
-Output: `OUT/probe.json` (CLIP_benchmark's `lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`, top
-level and under `metrics`, the chosen hyperparameters, `seed`, `shots`, `train_acc1`,
-`converged`, plus `model`, `dataset`, `step`, `pool`, `excluded` (samples left out) and the
-`exclusion` record, the class names and the confusion matrix) and `OUT/confusion.png`; each run also
-keeps `probe_<evaluator>.json` and `confusion_<evaluator>.png`, so evaluators do not overwrite
-each other.
+Output: `OUT/probe.json` and `OUT/confusion.png`; each run also keeps `probe_<evaluator>.json`
+and `confusion_<evaluator>.png`, so evaluators do not overwrite each other. probe.json holds
+CLIP_benchmark's fields (clip_benchmark/cli.py): `dataset` (the --dataset spec), `model` (the
+architecture, e.g. "m3ae-base-16"), `pretrained` (the checkpoint directory probed: a random
+init's own; both "" for npy features), `task` ("linear_probe"; "knn" for the kNN evaluator,
+which CLIP_benchmark lacks), `metrics` (its linear probe's: `lp_acc1`, `lp_acc5`,
+`lp_mean_per_class_recall`, `weight_decay`, `epochs`, `seed`, `fewshot_k`, `normalized`, see
+`m3ae.evaluate.probe.clip_benchmark_metrics`) and `language` ("en"). Then ours: `random_init`
+(what a random init copies: a model directory or "preset:SIZE"; else None), `step`, `pool`,
+`image_size`, `limit`, `excluded` (samples left out) and the `exclusion` record, the
+`run_probe` result (the three metrics again, `lp_acc5` as top-min(5, C); the chosen
+hyperparameters, `seed`, `shots`, `train_acc1`, `converged`, the confusion matrix, ...), the
+class names, `features` and `total_seconds`.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ from m3ae.evaluate.probe import (
     FEWSHOT_SEEDS,
     FEWSHOT_SHOTS,
     METRICS,
+    architecture_name,
+    clip_benchmark_metrics,
     run_fewshot,
     run_probe,
     save_confusion_png,
@@ -232,18 +241,20 @@ def probe(
         result = sweep["full"]
     else:
         result = run_probe(evaluator, *parts, seed=seed, **options)
-    record = {
-        "task": "knn" if evaluator == "knn" else "linear_probe",
+    record = {  # CLIP_benchmark's fields first (module docstring), then ours
         "dataset": dataset,
-        "model": model_dir if random_init is None else f"random-init:{model_dir}",
-        "pretrained": model_dir,
+        "model": architecture_name(meta["model"]) if meta else "",  # "": npy features
+        "pretrained": model_dir or "",
+        "task": "knn" if evaluator == "knn" else "linear_probe",
+        "metrics": clip_benchmark_metrics(result),
+        "language": "en",
+        "random_init": meta.get("random_init"),
         "step": meta.get("step"),
         "pool": pool,
         "image_size": image_size,
         "limit": limit,
         "excluded": exclusion["excluded"],
         "exclusion": exclusion,
-        "metrics": {m: result[m] for m in METRICS},
         **result,
         "classes": classes,
         "features": features,
