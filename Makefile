@@ -12,7 +12,7 @@ setup:
 # ridge probes of the model and of its random init on 2,000 drawings it never saw (the first
 # 4,000 of the probe's openclipart set less the 2,000 trained on), and a short report.
 DEMO_SHARDS := data/openclipart-64
-DEMO_PROBE := --dataset openclipart --limit 4000 --evaluator ridge --no-progress
+DEMO_PROBE := --data openclipart --limit 4000 --evaluator ridge --no-progress
 
 demo: setup $(DEMO_SHARDS)/stats.json
 	$(VENV)/m3ae launch --config configs/m3ae_pretrain.py:local --workdir runs/demo

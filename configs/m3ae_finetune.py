@@ -7,12 +7,12 @@ paper-scale size `small`, `base`, `large`, `huge` (224 px), optionally followed 
 be set with `data.dataset`).
 
     m3ae finetune --config configs/m3ae_finetune.py:cpu --model runs/demo/model \
-        --dataset fashion-mnist --workdir runs/ft-fmnist
+        --data fashion-mnist --workdir runs/ft-fmnist
     m3ae finetune --config configs/m3ae_finetune.py:cpu,openclipart --model runs/demo/model \
         --workdir runs/ft-clipart           # drawings the encoder never saw (trained_on left out)
     m3ae finetune --config configs/m3ae_finetune.py:cpu --random-init --workdir runs/ft-random
     m3ae finetune --config configs/m3ae_finetune.py:base --model runs/imported \
-        --dataset "shards:imagenet/train-{0000..1023}.tar::imagenet/val-{00..63}.tar" \
+        --data "shards:imagenet/train-{0000..1023}.tar::imagenet/val-{00..63}.tar" \
         --workdir runs/ft-in1k --set data.num_examples=1281167
     m3ae train --config configs/m3ae_finetune.py:cpu --workdir runs/ft \
         --set finetune.init=runs/demo/model           # the same run, by the trainer's command
@@ -91,7 +91,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
     c.data = ml_collections.ConfigDict(
         dict(
-            dataset=rest[0] if rest else "fashion-mnist",  # any `m3ae probe --dataset` spec
+            dataset=rest[0] if rest else "fashion-mnist",  # any `m3ae probe --data` spec
             limit=0,  # named datasets: at most N samples per split (0 = all)
             cache_dir=DEFAULT_CACHE,  # named datasets' shards and the prepared splits
             exclude_keys="",  # a file of keys to leave out (one a line)

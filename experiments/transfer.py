@@ -58,8 +58,8 @@ RECIPES = {  # recipe -> (its shards, where its probe's openclipart drawings com
     "cpu": ("data/openclipart-64-all", []),  # all 7,434 less the 5,434 trained on
 }
 PROBES = {  # name -> m3ae probe arguments (openclipart's: + the recipe's)
-    "openclipart_unseen": ["--dataset", "openclipart"],
-    "fashion_mnist": ["--dataset", "fashion-mnist", "--limit", "2000"],
+    "openclipart_unseen": ["--data", "openclipart"],
+    "fashion_mnist": ["--data", "fashion-mnist", "--limit", "2000"],
 }
 EVALUATORS = ("ridge", "logistic")
 

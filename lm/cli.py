@@ -3,9 +3,11 @@
     m3ae lm-eval --model runs/fcm/model --data data/shakespeare/heldout --out ppl.json
     m3ae generate --model runs/fcm/model --prompt "ROMEO." --max-new-tokens 80 --top-k 40
     m3ae generate --model runs/fcm/model --prompt "To be" --greedy
+    m3ae generate --model runs/fcm/model --prompt "To be" --greedy --no-cache   # the reference
 
 `--model` is the `model/` directory a training run writes (`lm.pretrained` layout). Both run
-with FCM off, on the local devices.
+with FCM off, on the local devices. `generate` decodes against a key/value cache; `--no-cache`
+recomputes the whole prefix for every token instead (same tokens, slower: `lm/generate.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ def add_lm_commands(verbs: Any) -> None:
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="recompute the whole prefix per token instead of using a KV cache (the reference)",
+    )
     p.set_defaults(func=run_generate)
 
 
@@ -82,6 +90,7 @@ def run_generate(args: argparse.Namespace) -> int:
         greedy=args.greedy,
         rng=jax.random.PRNGKey(args.seed),
         eos_id=EOS_ID,
+        cache=args.cache,
     )
     for i, row in enumerate(ids):
         new = [int(t) for t in row[len(prompt) :] if t != EOS_ID]

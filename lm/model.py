@@ -19,6 +19,11 @@ BOS): `segment_ids` number the documents of a row (0 = padding) and `positions` 
 each; attention never crosses documents. `tfcm=True` trains with T-FCM (the input replicated,
 layout in `lm/fcm.py`). FCM and T-FCM act only when `train=True`; evaluation and generation see
 the plain causal mask. Shapes: B batch, L length, D width, V vocabulary.
+
+Incremental decoding (`lm/generate.py`): `cache = model.init_cache(B, T)`, then
+`logits, cache = model.apply({"params": p}, tokens, cache, index, method=LM.decode)` runs the
+tokens `(B, S)` at positions `index .. index + S - 1` of one document against the cached keys and
+values of the positions before (the prompt with `index = 0`, then one token at a time).
 """
 
 from __future__ import annotations
@@ -31,7 +36,14 @@ import jax.numpy as jnp
 import optax
 
 from lm.fcm import GRANULARITIES, document_starts, fcm_mask, lm_mask, tfcm_mask, tfcm_target_mask
-from m3ae.transformer import Transformer, dense, precision_dtypes, sincos_1d
+from m3ae.transformer import (
+    KVCache,
+    Transformer,
+    dense,
+    init_kv_cache,
+    precision_dtypes,
+    sincos_1d,
+)
 
 Array = jax.Array
 
@@ -148,6 +160,44 @@ class LM(nn.Module):
                 self.fcm_granularity,
             )
         return lm_mask(segment_ids)
+
+    # ----------------------------------------------------------------------------- decoding
+    def init_cache(self, batch: int, length: int) -> tuple[KVCache, ...] | KVCache:
+        """An empty key/value cache for `decode`: `length` slots (<= max_length) per row."""
+        if length > self.max_length:
+            raise ValueError(f"cache length {length} > max_length {self.max_length}")
+        dt, _ = precision_dtypes(self.precision, self.dtype)
+        head_dim = self.width // self.num_heads
+        return init_kv_cache(self.depth, batch, length, self.num_heads, head_dim, dt, self.scan)
+
+    def decode(
+        self,
+        tokens: Array,
+        cache: tuple[KVCache, ...] | KVCache,
+        index: Array,
+        logits_at: Array | None = None,
+    ) -> tuple[Array, tuple[KVCache, ...] | KVCache]:
+        """Tokens `(B, S)` at positions `index .. index + S - 1` (one document per row, FCM off)
+        -> `(logits (B, S, V), updated cache)`, equal to the full forward's logits there.
+
+        `logits_at` (a traced position in `0..S-1`) keeps only that position's logits,
+        `(B, 1, V)`: a prefill needs just the last prompt token's.
+        """
+        B, S = tokens.shape
+        positions = jnp.broadcast_to(index + jnp.arange(S, dtype=jnp.int32), (B, S))  # (B, S)
+        x = self.embed_tokens(tokens, positions)  # (B, S, D)
+        rotary_pos = positions if self.position == "rotary" else None
+        h, cache = self.transformer(x, None, rotary_pos, cache=cache, index=index)  # (B, S, D)
+        if logits_at is not None:
+            h = jax.lax.dynamic_slice_in_dim(h, logits_at, 1, axis=1)  # (B, 1, D)
+        if not self.tie_embeddings:
+            return self.logits(h), cache
+        # `Embed.attend`'s product spelled as an einsum: XLA:CPU runs `jnp.dot(h, table.T)` for
+        # one row ~7x slower than this (benchmarks/README.md, generate), and one row per step
+        # is the decoding case. Same values up to float rounding.
+        q, table = self.embed.promote_dtype(h, self.embed.embedding, dtype=self.embed.dtype)
+        out = jnp.einsum("bsd,vd->bsv", q, table)  # (B, S, V_padded)
+        return out[..., : self.vocab_size].astype(jnp.float32), cache
 
     # ------------------------------------------------------------------------------ forward
     def __call__(

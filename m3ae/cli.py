@@ -1,7 +1,7 @@
 """The `m3ae` command: a thin layer over library functions.
 
 m3ae train --config configs/m3ae_pretrain.py:local --workdir runs/local [--set optim.base_lr=1e-3]
-m3ae finetune --model runs/demo/model --dataset fashion-mnist --workdir runs/ft  # a classifier
+m3ae finetune --model runs/demo/model --data fashion-mnist --workdir runs/ft  # a classifier
 m3ae import-reference SRC DST        # original M3AE weights (.npz or release .pkl) -> our format
 m3ae export --model runs/demo/model --out runs/demo/timm  # the image encoder as timm weights
 m3ae serve --model runs/demo/model   # image / text / joint embeddings over HTTP (Ray Serve)
@@ -39,7 +39,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    """`train` with a fine-tuning recipe; --model / --dataset set its two main keys."""
+    """`train` with a fine-tuning recipe; --model / --data set its two main keys."""
     overrides = list(args.overrides)
     if args.model and args.random_init:
         raise ValueError("--model and --random-init exclude each other")
@@ -116,6 +116,9 @@ def _import_reference(args: argparse.Namespace) -> int:
         overrides["num_heads"] = args.num_heads
     if args.dec_num_heads is not None:
         overrides["dec_num_heads"] = args.dec_num_heads
+    if (args.dst is None) == (args.out is None):
+        raise ValueError("give the output directory once: DST or --out DST")
+    args.dst = args.dst or args.out
     flat, meta = read_reference(args.src)
     params = to_m3ae_params(flat)
     config = infer_config(flat, meta, overrides=overrides)
@@ -252,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--random-init", action="store_true", help="start from a random init (the baseline)"
     )
-    p.add_argument("--dataset", help="labelled dataset, as `m3ae probe --dataset` takes it")
+    p.add_argument(
+        "--data", "--dataset", dest="dataset", metavar="DATA",
+        help="labelled dataset, as `m3ae probe --data` takes it (--dataset: old name)",
+    )  # fmt: skip
     p.add_argument("--workdir", required=True, help="output directory (rerun to resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_finetune)
@@ -329,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("import-reference", help="convert original M3AE weights (npz or pkl)")
     p.add_argument("src", help="fixture-layout .npz (param/<path>) or a released .pkl checkpoint")
-    p.add_argument("dst", help="output directory (m3ae.pretrained layout)")
+    p.add_argument("dst", nargs="?", help="output directory (or --out)")
+    p.add_argument("--out", help="output directory (m3ae.pretrained layout)")
     p.add_argument("--num-heads", type=int, default=None, help="encoder heads, if not inferable")
     p.add_argument(
         "--dec-num-heads", type=int, default=None, help="decoder heads, if not inferable"

@@ -8,7 +8,7 @@ causal LM with forgetful causal masking (causal AND random hidden keys AND segme
 same code.
 
 Masks are boolean, broadcastable to `(B, H, Lq, Lk)`, and True means "this query may attend to
-this key". Build them with `padding_mask`, `causal_mask` and `combine_masks`.
+this key". Build them with `padding_mask`, `causal_mask` and `combine_masks` (attention.py).
 
 Parameters are float32. `dtype` sets the compute dtype (float32 or bfloat16); `matmul_dtype=
 jnp.bfloat16` with `dtype=float32` is the mixed-precision policy: every matmul (the Dense layers and
@@ -21,6 +21,10 @@ convert between the two parameter layouts.
 
 `rotary=True` rotates queries and keys by their token positions (RoPE, Su et al. 2021) inside
 every attention layer; it has no parameters and is off by default, so M3AE is unchanged.
+
+The attention kernels and the key/value cache for incremental decoding (`KVCache`,
+`init_kv_cache`) live in `m3ae/attention.py` and are importable from here too; `Transformer`
+called with `cache=` and `index=` decodes (its docstring), for `lm/generate.py`.
 
 `drop_path` is stochastic depth (Huang et al. 2016), as ViT fine-tuning uses it: in a forward
 pass with `train=True`, each residual branch (attention, MLP) of each block is dropped for a
@@ -41,16 +45,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Masks, the attention kernels and the KV cache live in m3ae/attention.py; re-exported here.
+from m3ae.attention import (  # noqa: F401
+    ATTENTION_IMPLS,
+    KVCache,
+    apply_rotary,
+    attend,
+    cache_length,
+    cache_mask,
+    cache_update,
+    causal_mask,
+    check_cache,
+    combine_masks,
+    init_kv_cache,
+    mixed_einsum,
+    padding_mask,
+)
+
 Array = jax.Array
 Dtype = Any
 
 LAYERNORM_EPS = 1e-6
-# Attention paths. "einsum" (the default) spells the softmax out and fills masked logits with -1e7
-# exactly as the original M3AE code did, with heads as the leading batch axis of every dot (the
-# fastest path on CPU); "xla" and "cudnn" go through jax.nn.dot_product_attention (cudnn: the
-# fused kernel on NVIDIA GPUs).
-ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
-
 dense_init = nn.initializers.xavier_uniform()
 
 # Compute policies by name (the models' `precision` field): (activation dtype, matmul input dtype).
@@ -71,35 +86,6 @@ def precision_dtypes(precision: str, dtype: str = "float32") -> tuple[Dtype, Dty
             raise ValueError(f"precision={precision!r} needs dtype='float32', got {dtype!r}")
         return jnp.dtype(dtype), None
     return PRECISIONS[precision]
-
-
-def mixed_einsum(spec: str, a: Array, b: Array, dtype: Dtype) -> Array:
-    """`jnp.einsum(spec, a, b)` with `dtype` inputs and float32 accumulation and result, in the
-    backward pass too: both gradient einsums take `dtype` inputs (the cotangent cast once) and
-    return float32. JAX's own transpose would multiply the float32 cotangent by the `dtype`
-    operand, i.e. run every backward matmul in float32. `spec` names every index of each operand
-    in the other operand or the output (true of a Dense layer and of attention)."""
-    ins, out = spec.split("->")
-    spec_a, spec_b = ins.split(",")
-
-    @jax.custom_vjp
-    def product(a: Array, b: Array) -> Array:
-        return jnp.einsum(
-            spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32
-        )
-
-    def forward(a: Array, b: Array):
-        return product(a, b), (a.astype(dtype), b.astype(dtype))
-
-    def backward(saved, g: Array):
-        a16, b16 = saved
-        g16 = g.astype(dtype)
-        da = jnp.einsum(f"{out},{spec_b}->{spec_a}", g16, b16, preferred_element_type=jnp.float32)
-        db = jnp.einsum(f"{spec_a},{out}->{spec_b}", a16, g16, preferred_element_type=jnp.float32)
-        return da.astype(a.dtype), db.astype(b.dtype)
-
-    product.defvjp(forward, backward)
-    return product(a, b)
 
 
 def matmul_inputs(matmul_dtype: Dtype | None):
@@ -154,84 +140,14 @@ def sincos_2d(grid_h: int, grid_w: int, width: int) -> np.ndarray:
     return np.concatenate([col_emb, row_emb], axis=-1).reshape(grid_h * grid_w, width)
 
 
-# ----------------------------------------------------------------------------------------- masks
-def padding_mask(is_pad: Array) -> Array:
-    """Key-padding mask from `is_pad (B, L)` (nonzero = padding): `(B, 1, 1, L)`, True = attend."""
-    return jnp.logical_not(is_pad.astype(bool))[:, None, None, :]
-
-
-def causal_mask(length: int) -> Array:
-    """Causal mask `(1, 1, L, L)`: query i may attend to keys j <= i."""
-    return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
-
-
-def combine_masks(*masks: Array | None) -> Array | None:
-    """Logical AND of the given boolean masks (None entries are ignored)."""
-    present = [m for m in masks if m is not None]
-    if not present:
-        return None
-    out = present[0]
-    for m in present[1:]:
-        out = jnp.logical_and(out, m)
-    return out
-
-
 # ------------------------------------------------------------------------------------ attention
-def apply_rotary(x: Array, positions: Array, base: float = 10000.0) -> Array:
-    """Rotate `x (B, L, H, Dh)` by `positions (B, L)` (RoPE, rotate-half channel pairing).
-
-    Channel i of the first half pairs with channel i of the second half and turns by angle
-    `position * base^(-i / (Dh/2))`, so q.k depends only on the query-key distance. Computed in
-    float32 (bfloat16 angles lose whole radians at long positions), returned in x's dtype.
-    """
-    half = x.shape[-1] // 2
-    if x.shape[-1] % 2:
-        raise ValueError(f"rotary embeddings need an even head width, got {x.shape[-1]}")
-    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (Dh/2,)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, Dh/2)
-    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]  # (B, L, 1, Dh/2)
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # (B, L, H, Dh)
-    return out.astype(x.dtype)
-
-
-def attend(
-    q: Array,
-    k: Array,
-    v: Array,
-    mask: Array | None,
-    impl: str = "einsum",
-    matmul_dtype: Dtype | None = None,
-) -> Array:
-    """Multi-head attention. q, k, v: `(B, L, H, Dh)`; mask: `(B|1, H|1, Lq, Lk)`; out like q.
-    With `matmul_dtype` ("einsum" only) both dots take that dtype and return float32."""
-    if impl == "einsum":
-        scale = q.shape[-1] ** -0.5
-        if matmul_dtype is None:
-            product = jnp.einsum
-        else:
-            product = lambda spec, a, b: mixed_einsum(spec, a, b, matmul_dtype)  # noqa: E731
-        # Heads first, so each dot is a plain batched matmul over (B, H): on XLA:CPU this takes
-        # ~0.7x the time of the layout-preserving einsums (benchmarks/README.md, step_speed).
-        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # each (B, H, L, Dh)
-        logits = product("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale  # (B, H, Lq, Lk)
-        if mask is not None:
-            logits = jnp.where(mask, logits, -1e7)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = product("bhqk,bhkd->bhqd", weights, v)  # (B, H, Lq, Dh)
-        return out.transpose(0, 2, 1, 3)  # (B, Lq, H, Dh)
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if matmul_dtype is not None:
-        raise ValueError(f"the mixed precision policy needs attention_impl='einsum', got {impl!r}")
-    if mask is not None:
-        # dot_product_attention wants a 4-D mask; broadcast the batch/head dims it may lack.
-        mask = jnp.broadcast_to(mask, (q.shape[0], *mask.shape[1:]))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-
-
 class Attention(nn.Module):
-    """Self-attention with a fused qkv projection (q | k | v columns, head-major)."""
+    """Self-attention with a fused qkv projection (q | k | v columns, head-major).
+
+    With a `KVCache` (`cache`, and `index`: the position of x's first token) it decodes: x's keys
+    and values go into the cache's slots `index ..`, the queries attend to every slot under
+    `mask` (`cache_mask` and the like, `(.., L, T)`), and it returns `(out, updated cache)`.
+    """
 
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -241,7 +157,14 @@ class Attention(nn.Module):
     matmul_dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, positions: Array | None = None) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+        index: Array | None = None,
+    ) -> Array | tuple[Array, KVCache]:
         B, L, D = x.shape
         if D % self.num_heads:
             raise ValueError(f"width {D} is not divisible by num_heads {self.num_heads}")
@@ -250,12 +173,17 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, L, H, Dh)
         if self.rotary:
             if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(L), (B, L))
+                positions = jnp.arange(L) if cache is None else index + jnp.arange(L)
+                positions = jnp.broadcast_to(positions, (B, L))
             q = apply_rotary(q, positions, self.rope_base)
             k = apply_rotary(k, positions, self.rope_base)
+        if cache is not None:  # decoding: the queries see every cached slot, their own included
+            cache = cache_update(cache, k, v, index)
+            k, v = cache.k, cache.v  # each (B, T, H, Dh)
         o = attend(q, k, v, mask, self.impl, self.matmul_dtype)  # (B, L, H, Dh)
         o = o.reshape(B, L, D)  # heads concatenated in head order
-        return dense(D, "out", self.dtype, self.matmul_dtype)(o)
+        out = dense(D, "out", self.dtype, self.matmul_dtype)(o)
+        return out if cache is None else (out, cache)
 
 
 class MLP(nn.Module):
@@ -302,7 +230,8 @@ def drop_path(branch: Array, rate: Array | float, rng: Array) -> Array:
 class Block(nn.Module):
     """One pre-LN transformer block. `(x, mask, positions, rate) -> (x, x)` so it can be
     scanned. `drop_path > 0` turns stochastic depth on (`rate`, when given, is this block's
-    rate: the scanned stack passes it as an array)."""
+    rate: the scanned stack passes it as an array). With `cache` and `index` it decodes (see
+    `Attention`) and returns `(x, updated cache)`."""
 
     num_heads: int
     mlp_ratio: float = 4.0
@@ -320,7 +249,9 @@ class Block(nn.Module):
         mask: Array | None,
         positions: Array | None = None,
         rate: Array | None = None,
-    ) -> tuple[Array, Array]:
+        cache: KVCache | None = None,
+        index: Array | None = None,
+    ) -> tuple[Array, Array | KVCache]:
         def residual(branch: Array) -> Array:
             if self.drop_path == 0.0:  # off: nothing traced
                 return branch
@@ -336,10 +267,15 @@ class Block(nn.Module):
             self.matmul_dtype,
             name="attn",
         )
-        x = x + residual(attn(layer_norm("ln_attn", self.dtype)(x), mask, positions))
+        h = layer_norm("ln_attn", self.dtype)(x)
+        if cache is None:
+            x = x + residual(attn(h, mask, positions))
+        else:
+            h, cache = attn(h, mask, positions, cache, index)
+            x = x + residual(h)
         mlp = MLP(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.matmul_dtype, name="mlp")
         x = x + residual(mlp(layer_norm("ln_mlp", self.dtype)(x)))
-        return x, x
+        return x, (x if cache is None else cache)
 
 
 class Transformer(nn.Module):
@@ -350,6 +286,13 @@ class Transformer(nn.Module):
     RNG stream when it is > 0). Returns `(out, intermediates)` where
     `intermediates` holds `blocks` (each block's output, stacked `(depth, B, L, D)`) and
     `pre_norm` (the input to the final LayerNorm). Unused intermediates are dropped by XLA.
+
+    Incremental decoding: with `cache` (from `init_kv_cache` with this stack's depth and `scan`)
+    and `index` (the position of x's first token, traced), x holds the `S` new tokens at
+    positions `index .. index + S - 1`; each attends to the cached slots up to its own position
+    (AND `mask`, if given, `(B|1, 1, S, T)`), rotary positions default to `index + 0..S-1`, and
+    the call returns `(out, updated cache)`. Inference only: no drop_path, and `remat` (a
+    backward-pass setting) is not applied. The plain call traces exactly as without this path.
     """
 
     depth: int
@@ -372,7 +315,9 @@ class Transformer(nn.Module):
         mask: Array | None = None,
         positions: Array | None = None,
         train: bool = False,
-    ) -> tuple[Array, dict[str, Array]]:
+        cache: tuple[KVCache, ...] | KVCache | None = None,
+        index: Array | None = None,
+    ) -> tuple[Array, dict[str, Array] | tuple[KVCache, ...] | KVCache]:
         block_cls = Block
         if self.remat:
             block_cls = nn.remat(Block, prevent_cse=not self.scan)
@@ -388,6 +333,31 @@ class Transformer(nn.Module):
             matmul_dtype=self.matmul_dtype,
         )
         x = x.astype(self.dtype)
+        if cache is not None:
+            if index is None:
+                raise ValueError("decoding with a cache needs `index`, the position of x[:, 0]")
+            check_cache(cache, self.depth, self.scan)
+            B, S = x.shape[:2]
+            if self.rotary and positions is None:
+                positions = jnp.broadcast_to(index + jnp.arange(S), (B, S))  # (B, S)
+            mask = combine_masks(cache_mask(index, S, cache_length(cache)), mask)  # (., ., S, T)
+            if self.scan:  # the stacked cache is scanned over its depth axis like the params
+                stack = nn.scan(
+                    Block,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                    length=self.depth,
+                )
+                x, cache = stack(**kwargs, name="blocks")(x, mask, positions, None, cache, index)
+            else:
+                caches = []
+                for i in range(self.depth):
+                    block = Block(**kwargs, name=f"block_{i}")
+                    x, layer_cache = block(x, mask, positions, None, cache[i], index)
+                    caches.append(layer_cache)
+                cache = tuple(caches)
+            return layer_norm("ln_final", self.dtype)(x), cache
         if self.scan:
             stack = nn.scan(
                 block_cls,

@@ -1,6 +1,6 @@
 """A small WordPiece vocabulary trained on the captions of webdataset shards (`m3ae vocab`).
 
-    m3ae vocab --shards 'data/openclipart-64/{00001..00005}.tar' --vocab-size 4096 --out vocab/
+    m3ae vocab --data 'data/openclipart-64/{00001..00005}.tar' --vocab-size 4096 --out vocab/
     tok = pipelines.tokenizer.load_tokenizer("vocab/")   # then data.tokenizer / model vocab size
 
 A tiny CPU model with BERT-uncased's 30,522-row embedding and output tables spends most of its
@@ -358,7 +358,10 @@ def summary_text(out: Path) -> str:
 def add_vocab_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``vocab`` on an argparse subparsers object (``set_defaults(func=run_vocab)``)."""
     p = subparsers.add_parser("vocab", help="train a WordPiece vocabulary on shard captions")
-    p.add_argument("--shards", required=True, help="brace pattern, glob, directory or list (::)")
+    p.add_argument(
+        "--data", "--shards", dest="shards", metavar="DATA", required=True,
+        help="caption shards: brace pattern, glob, directory or list (::) (--shards: old name)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="output directory (load_tokenizer reads it)")
     p.add_argument("--vocab-size", type=int, default=4096, help="at most this many tokens")
     p.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair")

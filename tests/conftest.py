@@ -107,6 +107,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "test_lm_train.py": (SLOW,),
     # The wheel built by pip and installed in a fresh venv; a 2-step train from it.
     "test_packaging.py": (SLOW, MULTIPROCESS),
+    # The LM decoded against its KV cache in reduced precision (two more compiles each).
+    "test_decoding_in_reduced_precision": (SLOW,),
     # `m3ae serve` in a subprocess with its own Ray and Serve, spoken to over HTTP.
     "test_vectors_equal_m3ae_embed": (SLOW, RAY, MULTIPROCESS),
     "test_model_card_health_and_auth": (SLOW, RAY, MULTIPROCESS),

@@ -264,7 +264,7 @@ def test_missing_shard_is_not_finished_and_a_rerun_embeds_it(
     src, _ = embedded
     late = tmp_path / "late" / "00001.tar"  # not there yet
     out = tmp_path / "out"
-    args = ["--model", model_dir, "--inputs", f"{clipart_shards[0]}::{late}", "--out", out]
+    args = ["--model", model_dir, "--data", f"{clipart_shards[0]}::{late}", "--out", out]
     code, stdout, err = cli(capsys, *args, *CLI_FAST)
     assert code == 2
     assert err == [
@@ -328,7 +328,7 @@ def test_folder_without_captions_embeds_images_alone(model_dir, clipart_shards, 
     with tarfile.open(clipart_shards[0]) as tar:
         for m in [m for m in tar.getmembers() if m.name.endswith(".jpg")][:3]:
             (images / Path(m.name).name).write_bytes(tar.extractfile(m).read())
-    code, stdout, err = cli(capsys, "--model", model_dir, "--inputs", images, "--out",
+    code, stdout, err = cli(capsys, "--model", model_dir, "--data", images, "--out",
                             tmp_path / "a", *CLI_FAST)  # fmt: skip
     assert code == 0 and err == []
     assert "embed: kinds image: none of the 3 images has a .txt caption beside it" in stdout
@@ -336,7 +336,7 @@ def test_folder_without_captions_embeds_images_alone(model_dir, clipart_shards, 
     assert manifest["settings"]["kinds"] == ["image"] and manifest["counts"]["rows"] == 3
     assert load(tmp_path / "a", 0, ("image",))["image"].shape == (3, 64)
     # Kinds the input cannot give: nothing written, so not a success.
-    code, stdout, err = cli(capsys, "--model", model_dir, "--inputs", images, "--out",
+    code, stdout, err = cli(capsys, "--model", model_dir, "--data", images, "--out",
                             tmp_path / "b", "--kinds", "image,joint", *CLI_FAST)  # fmt: skip
     assert code == 2
     assert err == [
@@ -377,7 +377,7 @@ def test_kinds_follow_what_shards_hold(clipart_shards, tmp_path):
 )  # fmt: skip
 def test_nonsense_numbers_fail_before_the_model_is_read(option, value, tmp_path, capsys):
     nowhere = tmp_path / "no-model"  # never read: the options are checked first
-    code, stdout, err = cli(capsys, "--model", nowhere, "--inputs", tmp_path, "--out",
+    code, stdout, err = cli(capsys, "--model", nowhere, "--data", tmp_path, "--out",
                             tmp_path / "out", option, value)  # fmt: skip
     assert code == 2
     least = 0 if option == "--workers" else 1
@@ -386,7 +386,7 @@ def test_nonsense_numbers_fail_before_the_model_is_read(option, value, tmp_path,
 
 
 def test_batch_size_zero_via_the_command(model_dir, clipart_shards, tmp_path):
-    args = [sys.executable, "-m", "m3ae.cli", "embed", "--model", str(model_dir), "--inputs"]
+    args = [sys.executable, "-m", "m3ae.cli", "embed", "--model", str(model_dir), "--data"]
     args += [clipart_shards[0], "--out", str(tmp_path / "out"), "--batch-size", "0"]
     res = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr

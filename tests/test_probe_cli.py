@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory, tiny_params) -> Path:
 def first_run(fm_shards, model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("probe") / "out"
     dataset = f"shards:{fm_shards['train']}::{fm_shards['test']}"
-    argv = ["probe", "--model", str(model_dir), "--dataset", dataset, "--out", str(out)]
+    argv = ["probe", "--model", str(model_dir), "--data", dataset, "--out", str(out)]
     assert main([*argv, *FAST]) == 0
     return out
 
@@ -183,12 +183,12 @@ def test_class_folder_tree_split_by_key(model_dir, tmp_path):
 
 def test_bad_dataset_and_option_name_the_option(model_dir, tmp_path, capsys):
     base = ["probe", "--model", str(model_dir), "--out", str(tmp_path)]
-    assert main([*base, "--dataset", "fashoin-mnist"]) == 2
+    assert main([*base, "--data", "fashoin-mnist"]) == 2
     err = capsys.readouterr().err
-    assert "--dataset 'fashoin-mnist'" in err and "fashion-mnist" in err and "npy:DIR" in err
-    assert main([*base, "--dataset", "npy:/nonexistent", "--opt", "lambda=3"]) == 2
+    assert "--data 'fashoin-mnist'" in err and "fashion-mnist" in err and "npy:DIR" in err
+    assert main([*base, "--data", "npy:/nonexistent", "--opt", "lambda=3"]) == 2
     assert "--opt 'lambda=3'" in capsys.readouterr().err
-    assert main([*base, "--dataset", "shards:a::b::c"]) == 2
+    assert main([*base, "--data", "shards:a::b::c"]) == 2
     assert "TRAIN::TEST" in capsys.readouterr().err
 
 
@@ -286,7 +286,7 @@ def test_explicit_exclusion_lists(first_run, fm_shards, model_dir, tmp_path, cap
     dataset = f"shards:{fm_shards['train']}::{fm_shards['test']}"
     out = tmp_path / "out"
     shutil.copytree(first_run / "features", out / "features")  # the same cache, not re-embedded
-    argv = ["probe", "--model", str(model_dir), "--dataset", dataset, "--out", str(out)]
+    argv = ["probe", "--model", str(model_dir), "--data", dataset, "--out", str(out)]
     assert main([*argv, *FAST, "--exclude-keys", str(tmp_path / "keys.txt")]) == 0
     r = json.loads((out / "probe.json").read_text())
     assert r["features"]["train"]["embedded_partitions"] == 0

@@ -108,7 +108,7 @@ def test_small_corpus_gives_a_smaller_vocabulary(split, tmp_path):
 def test_same_shards_same_files_across_processes(vocab250, split, tmp_path):
     # The second run is another process with another string-hash seed, through the CLI.
     env = {**os.environ, "PYTHONHASHSEED": "12345", "TRANSFORMERS_VERBOSITY": "error"}
-    cmd = [sys.executable, "-m", "m3ae.cli", "vocab", "--shards", "::".join(split[0])]
+    cmd = [sys.executable, "-m", "m3ae.cli", "vocab", "--data", "::".join(split[0])]
     cmd += ["--vocab-size", "250", "--out", str(tmp_path / "again")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -185,7 +185,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(kind, tmp_path, capsys):
         "no_captions": str(_tar(tmp_path / "x.tar", [("a.jpg", b"pixels")])),
         "empty": "",
     }[kind]
-    assert main(["vocab", "--shards", url, "--out", str(tmp_path / "v")]) == 2
+    assert main(["vocab", "--data", url, "--out", str(tmp_path / "v")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("m3ae vocab: error: "), err
     assert (url or "''") in err[0]

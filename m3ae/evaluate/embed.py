@@ -1,9 +1,9 @@
 """`m3ae embed`: encoder features of images, captions and pairs, in the clip-retrieval layout.
 
-    m3ae embed --model runs/local/model --inputs "data/cc3m/{00000..00099}.tar" --out emb/cc3m
-    m3ae embed --model runs/local/model --inputs photos/ --out emb/photos  # no captions: image
-    m3ae embed --model runs/local/model --inputs files.txt --out emb/list --dtype float32
-    m3ae embed --model /shared/model --inputs /shared/shards/ --out /shared/emb --address auto
+    m3ae embed --model runs/local/model --data "data/cc3m/{00000..00099}.tar" --out emb/cc3m
+    m3ae embed --model runs/local/model --data photos/ --out emb/photos  # no captions: image
+    m3ae embed --model runs/local/model --data files.txt --out emb/list --dtype float32
+    m3ae embed --model /shared/model --data /shared/shards/ --out /shared/emb --address auto
 
     summary = embed("runs/local/model", "data/shards/", "emb/", kinds=("image", "joint"))
 
@@ -357,7 +357,14 @@ def add_embed_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register `embed` on an argparse subparsers object (`set_defaults(func=run_embed)`)."""
     p = subparsers.add_parser("embed", help="embeddings of shards, an image folder or a file list")
     p.add_argument("--model", dest="model_dir", required=True, help="pretrained model directory")
-    p.add_argument("--inputs", required=True, help="shards (pattern, dir, list), folder or list")
+    p.add_argument(
+        "--data",
+        "--inputs",
+        dest="inputs",
+        metavar="DATA",
+        required=True,
+        help="shards (pattern, dir, list), an image folder or a file list (--inputs: old name)",
+    )
     p.add_argument("--out", dest="out_dir", required=True, help="output dir (rerun to resume)")
     p.add_argument(
         "--kinds", default=None, help="comma-separated image,text,joint (default: by the input)"

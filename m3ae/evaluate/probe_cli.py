@@ -1,12 +1,12 @@
 """`m3ae probe`: a linear probe of a pretrained encoder's image features on a labelled dataset.
 
-    m3ae probe --model runs/demo/model --dataset fashion-mnist --limit 5000 --out runs/probe/fm
-    m3ae probe --model runs/demo/model --dataset openclipart --evaluator fewshot --out runs/probe/oc
-    m3ae probe --model runs/demo/model --random-init --dataset mnist --out runs/probe/mnist-rand
-    m3ae probe --model m --dataset "shards:data/fm/train::data/fm/test" --evaluator logistic \
+    m3ae probe --model runs/demo/model --data fashion-mnist --limit 5000 --out runs/probe/fm
+    m3ae probe --model runs/demo/model --data openclipart --evaluator fewshot --out runs/probe/oc
+    m3ae probe --model runs/demo/model --random-init --data mnist --out runs/probe/mnist-rand
+    m3ae probe --model m --data "shards:data/fm/train::data/fm/test" --evaluator logistic \
         --out runs/probe/x
-    m3ae probe --dataset npy:feats/ --evaluator linear --opt epochs=50 --opt base_lr=6.4 --out o
-    m3ae probe --model m --dataset openclipart --evaluator knn --exclude-keys seen.txt --out o
+    m3ae probe --data npy:feats/ --evaluator linear --opt epochs=50 --opt base_lr=6.4 --out o
+    m3ae probe --model m --data openclipart --evaluator knn --exclude-keys seen.txt --out o
 
     result = probe("runs/demo/model", "fashion-mnist", "ridge", "runs/probe/fm", limit=5000)
 
@@ -28,7 +28,7 @@ that model, so both see the same sets; `--no-exclude-trained` keeps them), of
 
 Output: `OUT/probe.json` and `OUT/confusion.png`; each run also keeps `probe_<evaluator>.json`
 and `confusion_<evaluator>.png`, so evaluators do not overwrite each other. probe.json holds
-CLIP_benchmark's fields (clip_benchmark/cli.py): `dataset` (the --dataset spec), `model` (the
+CLIP_benchmark's fields (clip_benchmark/cli.py): `dataset` (the --data spec), `model` (the
 architecture, e.g. "m3ae-base-16"), `pretrained` (the checkpoint directory probed: a random
 init's own; both "" for npy features), `task` ("linear_probe"; "knn" for the kNN evaluator,
 which CLIP_benchmark lacks), `metrics` (its linear probe's: `lp_acc1`, `lp_acc5`,
@@ -198,12 +198,12 @@ def probe(
         model_dir = str(Path(model_dir).absolute())
         image_size = int(image_size or read_preprocess(model_dir)["image_size"])
     if model_dir is None and not dataset.startswith("npy:"):
-        raise ValueError(f"--dataset {dataset}: images need --model DIR (or --random-init SIZE)")
+        raise ValueError(f"--data {dataset}: images need --model DIR (or --random-init SIZE)")
     spec = resolve_dataset(dataset, cache_dir, limit, image_size or 256, None, progress)
     exclusion: dict[str, Any] = {"excluded": 0, "sources": []}
     if spec.arrays is not None:
         if exclude_keys is not None or exclude_shards is not None:
-            raise ValueError(f"--dataset {dataset}: npy features have no keys to exclude by")
+            raise ValueError(f"--data {dataset}: npy features have no keys to exclude by")
         if trained_on is not None:
             print("probe: warning: npy features have no keys: trained_on not applied", flush=True)
             exclusion["note"] = "npy features have no sample keys: nothing could be excluded"
@@ -304,7 +304,7 @@ def _exclude(
     for part, left in (("train", train), ("test", test)):
         if len(left.y) == 0:
             raise ValueError(
-                f"--dataset {dataset}: no {part} sample is left after excluding "
+                f"--data {dataset}: no {part} sample is left after excluding "
                 f"{record['excluded']} (see --no-exclude-trained, --exclude-keys)"
             )
     return train, test, record
@@ -329,7 +329,10 @@ def add_probe_command(subparsers: Any) -> argparse.ArgumentParser:
         metavar="SIZE",
         help="probe a fresh init: of --model's architecture, or of preset SIZE (tiny, base, ...)",
     )
-    p.add_argument("--dataset", required=True, help=DATASET_HELP)
+    p.add_argument(
+        "--data", "--dataset", dest="dataset", metavar="DATA", required=True,
+        help=DATASET_HELP + " (--dataset: old name)",
+    )  # fmt: skip
     p.add_argument("--evaluator", choices=CHOICES, default="ridge", help=EVALUATOR_HELP)
     p.add_argument("--out", required=True, help="output dir (features cached in OUT/features)")
     p.add_argument("--pool", choices=("cls", "mean"), default="cls")

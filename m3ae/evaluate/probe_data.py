@@ -73,7 +73,7 @@ def in_test(key: str, fraction: float = TEST_FRACTION) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
-def shard_parts(spec: str, option: str = "--dataset") -> dict[str, list[str]]:
+def shard_parts(spec: str, option: str = "--data") -> dict[str, list[str]]:
     """`TRAIN::TEST` -> {"train": urls, "test": urls}; `URLS` -> {"all": urls}."""
     pieces = spec.split("::")
     if len(pieces) > 2 or not all(p.strip() for p in pieces):
@@ -143,7 +143,7 @@ def resolve_dataset(
     if kind == "folder" and rest:
         root = Path(rest).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"--dataset {spec}: {root} is not a directory")
+            raise FileNotFoundError(f"--data {spec}: {root} is not a directory")
         if (root / "train").is_dir() and (root / "test").is_dir():
             parts, classes = {"train": root / "train", "test": root / "test"}, set()
             for part in parts.values():
@@ -151,7 +151,7 @@ def resolve_dataset(
         else:
             parts, classes = {"all": root}, set(_class_folders(root))
         if len(classes) < 2:
-            raise ValueError(f"--dataset {spec}: expected class folders, found {sorted(classes)}")
+            raise ValueError(f"--data {spec}: expected class folders, found {sorted(classes)}")
         return Dataset(spec, {k: str(v) for k, v in parts.items()}, "folder", sorted(classes))
     if kind == "npy" and rest:
         root = Path(rest).expanduser()
@@ -159,12 +159,12 @@ def resolve_dataset(
         for part in ("train", "test"):
             x, y = root / f"{part}_x.npy", root / f"{part}_y.npy"
             if not (x.is_file() and y.is_file()):
-                raise FileNotFoundError(f"--dataset {spec}: {x.name} or {y.name} missing in {root}")
+                raise FileNotFoundError(f"--data {spec}: {x.name} or {y.name} missing in {root}")
             arrays[f"{part}_x"], arrays[f"{part}_y"] = features_from_npy(x, y)
         names = root / "classes.json"
         classes = [str(c) for c in json.loads(names.read_text())] if names.is_file() else None
         return Dataset(spec, classes=classes, arrays=arrays)
-    raise ValueError(f"--dataset {spec!r} is not a dataset; use one of: {DATASET_HELP}")
+    raise ValueError(f"--data {spec!r} is not a dataset; use one of: {DATASET_HELP}")
 
 
 def read_embeddings(out: Path) -> tuple[np.ndarray, list[int], list[str]]:
@@ -189,7 +189,7 @@ def _labels(dataset: Dataset, part: str, labels: list[int], keys: list[str]) -> 
     y = np.asarray(labels, np.int64)
     if len(y) and y.min() < 0:
         missing = int((y < 0).sum())
-        raise ValueError(f"--dataset {dataset.name}: {missing} {part} samples have no cls label")
+        raise ValueError(f"--data {dataset.name}: {missing} {part} samples have no cls label")
     return y
 
 
@@ -236,5 +236,5 @@ def dataset_features(
             feats[part] = Features(whole.x[rows], whole.y[rows], keys)
     for part in ("train", "test"):
         if len(feats[part].y) == 0:
-            raise ValueError(f"--dataset {dataset.name}: the {part} part is empty")
+            raise ValueError(f"--data {dataset.name}: the {part} part is empty")
     return feats["train"], feats["test"], record
