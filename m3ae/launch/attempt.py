@@ -211,7 +211,8 @@ class Attempt:
         self.bar.total = row.get("total_steps", self.bar.total)
         self.bar.n = row["step"]
         if "loss" in row:
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.1f}")
+            postfix = {"loss": f"{row['loss']:.3f}", "sps": f"{row['samples_per_s']:.1f}"}
+            self.bar.set_postfix(postfix, refresh=False)  # drawn once, below
         self.bar.refresh()
 
     # --------------------------------------------------------------------------- failures

@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from m3ae.launch.attempt import ANSWER_S, Attempt, Outcome, Watchdog, short
+from m3ae.launch.console import above_the_bar
 from m3ae.launch.events import Budgets, EventLog
 from m3ae.launch.host import CONCURRENCY, HostActor
 from m3ae.launch.local_ray import init_ray
@@ -176,7 +177,8 @@ def launch(
                     ),
                 )
                 try:
-                    outcome = attempt.watch()
+                    with above_the_bar(bar):  # the hosts' forwarded lines go above the bar
+                        outcome = attempt.watch()
                 finally:
                     bar.close()
             finally:
