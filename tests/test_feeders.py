@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import ray
 
-from configs.m3ae_pretrain import get_config
+from m3ae.configs.m3ae_pretrain import get_config
 from m3ae.launch import start_local_ray
 from pipelines.feeders import RAY_NOT_INITIALIZED, RayFeederPool, SplitLoader
 from pipelines.loader import Loader

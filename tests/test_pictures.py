@@ -118,7 +118,7 @@ def test_save_pictures_passes_captions(tmp_path):
 def test_held_out_pictures_take_one_drawing_per_category_first(clipart_shards):
     """The pictures' held-out set is varied: the first drawing of each category in the val
     shards, before any category repeats (the first rows alone were mostly one category)."""
-    from configs.m3ae_pretrain import get_config
+    from m3ae.configs.m3ae_pretrain import get_config
     from m3ae.task import held_out_batch, varied_rows
 
     assert varied_rows([3, 3, 1, 3, 2, 1], 4).tolist() == [0, 2, 4, 1]

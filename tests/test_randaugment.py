@@ -282,7 +282,7 @@ def test_loader_rejects_a_bad_spec(clipart_shards):
 
 
 def test_build_loaders_forwards_data_randaugment(clipart_shards):
-    from configs.m3ae_pretrain import get_config
+    from m3ae.configs.m3ae_pretrain import get_config
     from pipelines.mix import build_loaders
 
     data = get_config("local").data
