@@ -86,7 +86,7 @@ def test_limits_answer_413():
             "text", LIMITS)  # fmt: skip
     refused(413, r"texts\[0\]: 21 characters", parse_json, b'{"texts": ["' + b"x" * 21 + b'"]}',
             "text", LIMITS)  # fmt: skip
-    with pytest.raises(ValueError, match="max_items must be a positive integer"):
+    with pytest.raises(ValueError, match=r"max_items \(--max-items\) must be a positive integer"):
         Limits(max_items=0)
 
 

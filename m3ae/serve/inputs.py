@@ -48,7 +48,10 @@ class Limits:
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                option = (
+                    "--max-body-mb" if name == "max_body_bytes" else "--" + name.replace("_", "-")
+                )
+                raise ValueError(f"{name} ({option}) must be a positive integer, got {value!r}")
 
 
 @dataclass
