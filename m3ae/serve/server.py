@@ -18,6 +18,7 @@ SIGTERM deletes the application (and stops an embedded Ray); `serve()` is the li
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ from m3ae.serve.engine import ServeSettings
 from m3ae.serve.inputs import Limits
 
 APP = "m3ae"
+_EMBEDDED = False  # whether serve() started the Ray it runs on (so shutdown() stops Serve)
 TOKEN_ENV = "M3AE_SERVE_TOKEN"
 
 
@@ -83,7 +85,7 @@ def serve(
     import ray
     from ray import serve as ray_serve
 
-    from m3ae.launch.local_ray import start_local_ray
+    from m3ae.launch.local_ray import init_ray
     from m3ae.serve.app import EmbeddingService, token_digest
 
     deploy = deployment_options(**options)
@@ -91,13 +93,13 @@ def serve(
         raise FileNotFoundError(f"--model {settings.model_dir}: no such directory")
     if settings.file_root is not None and not os.path.isdir(settings.file_root):
         raise FileNotFoundError(f"--allow-files {settings.file_root}: no such directory")
+    global _EMBEDDED
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            replicas = deploy.get("num_replicas") or deploy["autoscaling_config"]["max_replicas"]
-            need = int(replicas * deploy["ray_actor_options"]["num_cpus"] + 0.999)
-            start_local_ray(max(local_cpus or 0, need, 1), object_store_mb)
+        # An embedded Ray gets at least the CPUs the replicas ask for.
+        replicas = deploy.get("num_replicas") or deploy["autoscaling_config"]["max_replicas"]
+        need = math.ceil(replicas * deploy["ray_actor_options"]["num_cpus"])
+        _EMBEDDED = not (address or os.environ.get("RAY_ADDRESS"))
+        init_ray(address, max(local_cpus or os.cpu_count() or 1, need), object_store_mb)
     quiet = {"log_level": "WARNING", "enable_access_log": False}  # no line per request
     ray_serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
     app = EmbeddingService.options(**deploy).bind(settings, token_digest(token))
@@ -106,14 +108,16 @@ def serve(
 
 
 def shutdown() -> None:
-    """Delete the application; stop Serve and Ray when this process started them."""
+    """Delete the application; stop Serve too when `serve()` started the embedded Ray (on a
+    joined cluster other applications keep theirs), then leave Ray."""
     import ray
     from ray import serve as ray_serve
 
     if ray.is_initialized():
         try:
             ray_serve.delete(APP)
-            ray_serve.shutdown()
+            if _EMBEDDED:
+                ray_serve.shutdown()
         finally:
             ray.shutdown()
 
