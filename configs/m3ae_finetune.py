@@ -4,7 +4,8 @@ on a labelled dataset (`m3ae/finetune/task.py`).
 Arguments: `cpu` (CPU scale: the encoder of a `local`/`cpu` pretraining, `mini`, 64 px) or a
 paper-scale size `small`, `base`, `large`, `huge` (224 px), optionally followed by `,DATASET`
 (`fashion-mnist`, `mnist`, `openclipart`; default fashion-mnist; any spec `m3ae probe` takes can
-be set with `data.dataset`).
+be set with `data.dataset`, e.g. `tfds:NAME[:CONFIG]` with `data.tfds_data_dir`, `tfds_image`,
+`tfds_label`, `tfds_split`).
 
     m3ae finetune --config configs/m3ae_finetune.py:cpu --model runs/demo/model \
         --data fashion-mnist --workdir runs/ft-fmnist
@@ -96,6 +97,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
             cache_dir=DEFAULT_CACHE,  # named datasets' shards and the prepared splits
             exclude_keys="",  # a file of keys to leave out (one a line)
             exclude_shards="",  # shards whose keys to leave out
+            # dataset tfds:NAME[:CONFIG]: a prepared TFDS dataset ("" = each option's default)
+            tfds_data_dir="",  # $TFDS_DATA_DIR, else ~/tensorflow_datasets
+            tfds_image="",  # the image feature: `image`, else the first Image feature
+            tfds_label="",  # the ClassLabel: `label`, else the first ClassLabel feature
+            tfds_split="",  # TRAIN::TEST or one split (TFDS split strings); "" = train/test
             image_size=64 if cpu else 224,  # 0 = the init model's
             mean=(),  # () = the init model's normalization
             std=(),

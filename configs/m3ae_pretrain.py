@@ -124,6 +124,9 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
             # A tokenizer directory; empty = the bundled BERT-uncased; "captions:N" = learn an
             # N-token WordPiece vocabulary from the training captions into <workdir>/tokenizer.
             tokenizer="captions:2048" if local else "",
+            # Feature names of TFRecord shards (tf.train.Example); "" = the first present of the
+            # common names (pipelines/tfrecord.py DEFAULT_NAMES: image/encoded, caption, ...).
+            tfrecord=ml_collections.ConfigDict(dict(image="", text="", label="", key="")),
             streams_per_host=1,  # K round-robin sub-streams per host (each its own shards)
             feeders="threads",  # or "ray": the K sub-streams in Ray actors (same batches)
             feeder_cpus=1.0,  # Ray CPUs reserved per feeder actor

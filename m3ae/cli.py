@@ -50,6 +50,10 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.dataset:
         overrides.insert(0, f"data.dataset={args.dataset}")
     from m3ae.config import load_config
+    from m3ae.evaluate.probe_data import tfds_options
+
+    for key, value in tfds_options(args).items():  # quoted: a value such as 123 stays a string
+        overrides.insert(0, f"data.{key}={value!r}")
 
     config = load_config(args.config, overrides)
     if not config.finetune.init and not args.random_init:
@@ -175,6 +179,7 @@ def version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from m3ae.config import describe_recipes
+    from m3ae.evaluate.probe_data import add_tfds_arguments
     from m3ae.launch.command import add_launch_command
 
     parser = argparse.ArgumentParser(prog="m3ae", description=__doc__.split("\n")[0])
@@ -213,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", "--dataset", dest="dataset", metavar="DATA",
         help="labelled dataset, as `m3ae probe --data` takes it (--dataset: old name)",
     )  # fmt: skip
+    add_tfds_arguments(p)  # --tfds-data-dir, --tfds-image, --tfds-label, --tfds-split
     p.add_argument("--workdir", required=True, help="output directory (rerun to resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_finetune)

@@ -37,6 +37,7 @@ from m3ae.trainer.task import Task
 from pipelines import storage
 from pipelines.loader import Loader
 from pipelines.mix import STREAMS, build_loaders
+from pipelines.tfrecord import TFRecordFeatures
 
 CAPTION_VOCAB = "captions:"  # data.tokenizer = "captions:2048": learn one from the train shards
 
@@ -134,7 +135,8 @@ def resolve_tokenizer(
         storage.download(stored, final)
     if not (final / "vocab.txt").is_file():
         scratch = Path(tempfile.mkdtemp(prefix="m3ae-vocab-", dir=final.parent))
-        train_caption_vocab(urls, scratch / "tokenizer", size)
+        tfrecord = TFRecordFeatures.from_config(data.get("tfrecord"))
+        train_caption_vocab(urls, scratch / "tokenizer", size, tfrecord=tfrecord)
         shutil.rmtree(final, ignore_errors=True)  # a partial one from a killed run
         os.replace(scratch / "tokenizer", final)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -182,6 +184,7 @@ def val_loader(ctx: EvalContext, kind: str) -> Loader:
         process_count=jax.process_count(),
         tokenizer=data.tokenizer or None,
         source="data.val_urls",
+        tfrecord=TFRecordFeatures.from_config(data.get("tfrecord")),
     )
 
 
@@ -273,6 +276,7 @@ def held_out_batch(
         process_count=1,
         tokenizer=data.tokenizer or None,
         drop_remainder=False,
+        tfrecord=TFRecordFeatures.from_config(data.get("tfrecord")),
         source="data.val_urls" if data.val_urls else "the pictures' shards",
     )
     batches, seen = [], set()

@@ -22,8 +22,8 @@ stays exactly resumable.
 Bad samples are skipped with a reason and counted (`loader.stats`, also in every batch's state):
 `seen = used + sum(skipped)` holds for every shard. The shards must exist when the loader is
 built (`check_shards`), and an endless stream that cannot make a batch stops with
-`NoUsableSamples` naming the shards and the skip reasons (`Starvation`), never spins.
-"""
+`NoUsableSamples` naming the shards and the skip reasons (`Starvation`), never spins. TFRecord
+shards read like tars; `tfrecord` names their features (`pipelines.tfrecord`)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ import numpy as np
 
 from pipelines.images import ImageError, preprocess
 from pipelines.randaugment import RandAugment, parse_randaugment
-from pipelines.shards import RawSample, check_shards, expand_urls, host_shards
+from pipelines.shards import RawSample, check_shards, expand_urls, host_shards, shard_reader
 from pipelines.stream import ShardStream
+from pipelines.tfrecord import TFRecordFeatures
 from pipelines.tokenizer import load_tokenizer, tokenize
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -246,6 +247,7 @@ class Loader:
         randaugment: str = "",
         crop_scale: tuple[float, float] = (0.2, 1.0),
         require_cls: bool = False,
+        tfrecord: TFRecordFeatures | None = None,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -277,6 +279,7 @@ class Loader:
             buffer_size=shuffle_buffer,
             resampled=resampled,
             epochs=epochs,
+            reader=shard_reader(tfrecord),
         )
         self.snapshot_every = max(1, int(snapshot_every))
         # Training wants fixed shapes; a finite pass (evaluation, embedding) wants every sample.

@@ -27,6 +27,7 @@ from pipelines.feeders import (
 )
 from pipelines.loader import Batch, Loader
 from pipelines.randaugment import parse_randaugment
+from pipelines.tfrecord import TFRecordFeatures
 
 STREAMS = {"paired": "paired", "image_only": "image", "text_only": "text"}
 
@@ -83,6 +84,8 @@ def build_loaders(
         parse_randaugment(randaugment)
     except ValueError as e:
         raise ValueError(f"data.randaugment: {e}") from None
+    # Feature names of TFRecord shards (`image`, `text`, `label`, `key`; "" = the common ones).
+    tfrecord = TFRecordFeatures.from_config(data.get("tfrecord"))
     loaders: dict[str, Loader | SplitLoader | RayFeederPool] = {}
     for i, (name, size) in enumerate(sizes.items()):
         kwargs = dict(
@@ -105,6 +108,7 @@ def build_loaders(
             source=f"data.{name}.urls",
             max_consecutive_skips=int(data.get("max_consecutive_skips", 10_000)),
             randaugment=randaugment,
+            tfrecord=tfrecord,
         )
         if streams == 1 and feeders == "threads":
             check_state(kwargs["state"], None)

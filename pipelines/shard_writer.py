@@ -10,9 +10,14 @@ writes them, ``00000_stats.json`` (its fields: count, successes, failed_to_downl
 `pipelines/shard_stats.py`; at the end ``stats.json`` (our summary) and ``classes.json`` (class
 names by index).
 
-Tars are byte-for-byte reproducible (fixed mtime/owner/mode, no wall-clock data inside) and are
-written under a ``.tar.tmp`` name, renamed when complete, so a crash never leaves a ``*.tar`` that
-looks finished. Skipped entries are counted by reason: written + skipped = attempted.
+With ``container="tfrecord"`` the shards are ``00000.tfrecord, ...`` instead, a
+``tf.train.Example`` per sample with the same contents (`pipelines.tfrecord.example_from_members`:
+``image/encoded``, ``image/format``, ``caption``, ``image/class/label``, ``key``, ``json``); the
+stats files are the same.
+
+Shards are byte-for-byte reproducible (fixed mtime/owner/mode, no wall-clock data inside) and are
+written under a ``.tmp`` name, renamed when complete, so a crash never leaves a shard that looks
+finished. Skipped entries are counted by reason: written + skipped = attempted.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from pipelines.shard_records import (
     openclipart_records,
 )
 from pipelines.shard_stats import shard_stats, skip_row, skipped_by_reason, write_parquet
+from pipelines.tfrecord import example_from_members, frame
 
 __all__ = [
     "Record",
@@ -55,7 +61,7 @@ __all__ = [
 
 _KEY_OK = re.compile(r"[A-Za-z0-9_-]+")
 _OUTPUTS = re.compile(
-    r"\d{5}(_stats\.json|\.tar|\.tar\.tmp|\.parquet|\.parquet\.tmp)|stats\.json|classes\.json"
+    r"\d{5}(_stats\.json|\.(tar|tfrecord|parquet)(\.tmp)?)|stats\.json|classes\.json"
 )
 _MAX_EXAMPLES = 100  # skipped keys listed per shard; the counts are always complete
 
@@ -100,14 +106,19 @@ def _members(rec: Record, data: bytes, width: int, height: int, image_format: st
 
 
 class _Shard:
-    """One tar being written under a temporary name, plus its statistics."""
+    """One tar (or TFRecord file) being written under a temporary name, plus its statistics."""
 
-    def __init__(self, out_dir: Path, index: int):
+    def __init__(self, out_dir: Path, index: int, container: str = "tar"):
         self.name = f"{index:05d}"
-        self.path, self.tmp = out_dir / f"{self.name}.tar", out_dir / f"{self.name}.tar.tmp"
+        self.path = out_dir / f"{self.name}.{container}"
+        self.tmp = out_dir / f"{self.name}.{container}.tmp"
         self.file = open(self.tmp, "wb")
         # PAX is also what webdataset's TarWriter uses; headers only grow for long names.
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
+        self.tar = (
+            tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
+            if container == "tar"
+            else None
+        )
         self.start, self.written, self.skipped = time.time(), 0, Counter()
         self.examples: list[dict[str, str]] = []
         self.rows: list[dict[str, Any]] = []  # the parquet's (write_shards fills it)
@@ -115,13 +126,16 @@ class _Shard:
         self.bytes, self.done = 0, False
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        self.written += 1
+        if self.tar is None:  # one framed tf.train.Example
+            self.file.write(frame(example_from_members(key, dict(members))))
+            return
         for ext, data in members:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             self.tar.addfile(info, io.BytesIO(data))
-        self.written += 1
 
     def skip(self, skip: Skip) -> None:
         self.skipped[skip.reason] += 1
@@ -130,7 +144,8 @@ class _Shard:
             self.examples.append({"key": skip.key, "reason": skip.reason, "detail": skip.detail})
 
     def close(self) -> None:
-        self.tar.close()
+        if self.tar is not None:
+            self.tar.close()
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -138,7 +153,7 @@ class _Shard:
         self.bytes, self.done = self.path.stat().st_size, True
 
     def abort(self) -> None:
-        """Drop the partial tar: nothing that looks like a shard is left behind."""
+        """Drop the partial shard: nothing that looks like a shard is left behind."""
         self.file.close()
         self.tmp.unlink(missing_ok=True)
         self.done = True
@@ -181,8 +196,10 @@ def write_shards(
     total: int | None = None,
     classes: Sequence[str] | None = None,
     overwrite: bool = False,
+    container: str = "tar",
 ) -> dict[str, Any]:
-    """Write `records` as ``NNNNN.tar`` shards in `out_dir`; returns the stats.json summary.
+    """Write `records` as ``NNNNN.tar`` (or ``NNNNN.tfrecord``, `container="tfrecord"`) shards
+    in `out_dir`; returns the stats.json summary.
 
     `Skip`s, and records that cannot be written (bad key, duplicate key, empty caption, image
     that does not encode), are counted per reason in the shard being filled. `classes` defaults
@@ -196,6 +213,8 @@ def write_shards(
         raise ValueError(f"quality must be in 0..100, got {quality}")
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if container not in ("tar", "tfrecord"):
+        raise ValueError(f"container must be 'tar' or 'tfrecord', got {container!r}")
     out = Path(out_dir)
     _prepare(out, overwrite)
     if classes is None:
@@ -221,7 +240,7 @@ def write_shards(
             if current is None or current.written == samples_per_shard:
                 if current is not None:
                     shards.append(current.finish(out))
-                current = _Shard(out, len(shards))
+                current = _Shard(out, len(shards), container)
                 for skip in pending:
                     current.skip(skip)
                 pending.clear()

@@ -1,17 +1,21 @@
 """Reading webdataset shards into raw samples, without ever failing on bad bytes.
 
-A shard is a tar file (local path, `s3://` / `gs://` object read through fsspec by
-`pipelines.storage`, `pipe:` command or another URL that webdataset's `gopen` can open: http(s)
-via curl, ...) or a plain text / JSONL file whose lines are text-only samples. Object-store
-URLs expand like local paths: brace patterns, globs, and a prefix that holds objects lists
-its tars. A sample is the group of consecutive tar members that share a key
-(`dir/key.jpg`, `dir/key.txt`, `dir/key.json` -> key `dir/key`), as webdataset defines it.
+A shard is a tar file or a TFRecord file of `tf.train.Example`s (local path, `s3://` / `gs://`
+object read through fsspec by `pipelines.storage`, `pipe:` command or another URL that
+webdataset's `gopen` can open: http(s) via curl, ...) or a plain text / JSONL file whose lines are
+text-only samples. Object-store URLs expand like local paths: brace patterns, globs, and a
+prefix that holds objects lists its shards. A sample is the group of consecutive tar members that
+share a key (`dir/key.jpg`, `dir/key.txt`, `dir/key.json` -> key `dir/key`), as webdataset
+defines it; a TFRecord sample is one record, its features mapped onto the same members
+(`pipelines.tfrecord`), keyed by its key feature or else `<file stem>#<record index>`.
 
 `read_shard` yields `RawSample`s in file order, each with its shard URL and ordinal. Damage is
 reported *as a sample* with `error` set (a truncated tar yields one `truncated_tar` sample for
-the partial group and stops; an unreadable shard yields one `unreadable_shard` sample), so the
-loader counts it at the point where it would have been consumed: seen = used + skipped holds
-per shard, and a resumed run counts exactly what an uninterrupted run counts.
+the partial group and stops; a TFRecord record that fails its checksum is one `corrupt_record`,
+one that is no Example a `bad_example`, and a broken frame one `truncated_tfrecord` that stops the
+file; an unreadable shard yields one `unreadable_shard` sample), so the loader counts it at the
+point where it would have been consumed: seen = used + skipped holds per shard, and a resumed run
+counts exactly what an uninterrupted run counts.
 
 `check_shards` fails fast, in one line, on a shard list that cannot be read at all (a mistyped
 path), before anything is compiled. Read errors are logged rate-limited (`ErrorLog`): the first
@@ -21,6 +25,7 @@ that fails every epoch never floods the log.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import lzma
@@ -30,7 +35,7 @@ import tarfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,12 +43,15 @@ from braceexpand import braceexpand
 
 from pipelines import storage
 from pipelines.tar_members import TarDamage, tar_members
+from pipelines.tfrecord import TFRecordFeatures, is_tfrecord, tfrecord_samples
 
 TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
-# What a shard directory contributes: tar files, plain or compressed (tarfile reads them all).
+# What a shard directory contributes: tar files, plain or compressed (tarfile reads them all),
+# and TFRecord files (`pipelines.tfrecord.is_tfrecord`: also TFDS's `x.tfrecord-00000-of-00008`).
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # Keys as webdataset splits them: everything up to the first dot of the file name.
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_DEFAULT_FEATURES = TFRecordFeatures()
 
 
 @dataclass
@@ -72,12 +80,10 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
                     urls.append(url)
                 elif os.path.isdir(url):
                     found = sorted(
-                        os.path.join(url, name)
-                        for name in os.listdir(url)
-                        if name.lower().endswith(TAR_SUFFIXES)
+                        os.path.join(url, name) for name in os.listdir(url) if is_shard_file(name)
                     )
                     if not found:
-                        raise FileNotFoundError(f"no .tar/.tar.gz/.tgz shards in directory {url}")
+                        raise FileNotFoundError(f"no tar or TFRecord shards in directory {url}")
                     urls.extend(found)
                 elif any(c in url for c in "*?["):
                     found = sorted(glob.glob(url))
@@ -93,19 +99,23 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
 
 def _expand_object_url(url: str) -> list[str]:
     """An `s3://` / `gs://` shard spec: a glob, a shard (by its suffix, without asking the
-    store), or a prefix with objects under it (its tars); anything else is kept as it is."""
+    store), or a prefix with objects under it (its shards); anything else is kept as it is."""
     if any(c in url for c in "*?["):
         found = storage.glob(url)
         if not found:
             raise FileNotFoundError(f"no objects match {url}")
         return found
-    if url.lower().endswith(TAR_SUFFIXES + TEXT_FILE_SUFFIXES) or not storage.is_dir(url):
+    if is_shard_file(url) or url.lower().endswith(TEXT_FILE_SUFFIXES) or not storage.is_dir(url):
         return [url]
     base = url.rstrip("/")
-    found = [f"{base}/{n}" for n in storage.listdir(base) if n.lower().endswith(TAR_SUFFIXES)]
+    found = [f"{base}/{n}" for n in storage.listdir(base) if is_shard_file(n)]
     if not found:
-        raise FileNotFoundError(f"no .tar/.tar.gz/.tgz shards under {url}")
+        raise FileNotFoundError(f"no tar or TFRecord shards under {url}")
     return found
+
+
+def is_shard_file(name: str) -> bool:
+    return name.lower().endswith(TAR_SUFFIXES) or is_tfrecord(name)
 
 
 def is_remote(url: str) -> bool:
@@ -196,23 +206,55 @@ def open_shard(url: str):
     return gopen(url, "rb")
 
 
-def read_shard(url: str, skip: int = 0) -> Iterator[RawSample]:
-    """Raw samples of one shard in file order, starting after the first `skip` samples."""
+def _open_reported(url: str, skip: int) -> tuple[Any, list[RawSample]]:
+    """The shard's stream; or None and what to report when it cannot be opened: one
+    `unreadable_shard` sample where the read starts at the shard's first sample (a resumed read,
+    `skip` > 0, has reported it already), logged rate-limited."""
+    try:
+        return open_shard(url), []
+    except Exception as e:  # noqa: BLE001 - any opener failure is this shard's failure
+        if skip:
+            return None, []
+        _log_error(url, e)
+        return None, [RawSample(f"{url}#0", url, 0, error="unreadable_shard")]
+
+
+def read_shard(
+    url: str, skip: int = 0, tfrecord: TFRecordFeatures | None = None
+) -> Iterator[RawSample]:
+    """Raw samples of one shard in file order, starting after the first `skip` samples;
+    `tfrecord` names the features of TFRecord shards (None = the common names)."""
     if url.lower().endswith(TEXT_FILE_SUFFIXES):
         yield from _read_text_file(url, skip)
+    elif is_tfrecord(url):
+        yield from _read_tfrecord(url, skip, tfrecord or _DEFAULT_FEATURES)
     else:
         yield from _read_tar(url, skip)
+
+
+def shard_reader(tfrecord: TFRecordFeatures | None = None) -> Callable[..., Iterator[RawSample]]:
+    """`read_shard` with these TFRecord feature names (picklable, for Ray feeders)."""
+    return read_shard if tfrecord is None else functools.partial(read_shard, tfrecord=tfrecord)
+
+
+def _read_tfrecord(url: str, skip: int, features: TFRecordFeatures) -> Iterator[RawSample]:
+    stream, unreadable = _open_reported(url, skip)
+    if stream is None:
+        yield from unreadable
+        return
+    with stream:
+        for sample in tfrecord_samples(stream, url, skip, features):
+            if sample.problem is not None:
+                _log_error(url, sample.problem)
+            yield RawSample(sample.key, url, sample.index, sample.members, sample.error)
 
 
 def _read_tar(url: str, skip: int) -> Iterator[RawSample]:
     index = 0
     current: RawSample | None = None
-    try:
-        stream = open_shard(url)
-    except Exception as e:  # noqa: BLE001 - any opener failure is this shard's failure
-        if skip == 0:
-            yield RawSample(f"{url}#0", url, 0, error="unreadable_shard")
-            _log_error(url, e)
+    stream, unreadable = _open_reported(url, skip)
+    if stream is None:
+        yield from unreadable
         return
     try:
         with stream:
@@ -240,7 +282,7 @@ def _read_tar(url: str, skip: int) -> Iterator[RawSample]:
         yield current
 
 
-def shard_keys(url: str) -> list[str]:
+def shard_keys(url: str, tfrecord: TFRecordFeatures | None = None) -> list[str]:
     """The sample keys of one tar shard, in file order, from its member names alone.
 
     The same rule as `read_shard` (key = member name up to the first dot of the file name;
@@ -248,11 +290,20 @@ def shard_keys(url: str) -> list[str]:
     listed here is the key the loader and `m3ae embed` report. A local file is opened for random
     access, which reads the 512-byte headers and seeks over the data: no member is read or
     decoded. A damaged shard yields the keys before the damage (the loader never delivers the
-    rest either); a file that cannot be opened raises.
+    rest either); a file that cannot be opened raises. A TFRecord file is read through (its
+    records hold the keys), keeping the keys of the records the loader can read.
     """
     if url.lower().endswith(TEXT_FILE_SUFFIXES):
         return []  # text-only lines: no image samples
     keys: list[str] = []
+    if is_tfrecord(url):
+        with open_shard(url) as stream:
+            for sample in tfrecord_samples(stream, url, 0, tfrecord or _DEFAULT_FEATURES):
+                if sample.problem is not None:
+                    _log_error(url, sample.problem)
+                else:
+                    keys.append(sample.key)
+        return keys
     if is_remote(url):
         stream = open_shard(url)  # a remote shard can only be streamed: read, still not decoded
         tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo)
@@ -281,12 +332,9 @@ def shard_keys(url: str) -> list[str]:
 def _read_text_file(url: str, skip: int) -> Iterator[RawSample]:
     """Each non-blank line is a text-only sample; JSONL lines give `text` or `caption`."""
     jsonl = url.lower().endswith((".jsonl", ".json"))
-    try:
-        stream = open_shard(url)
-    except Exception as e:  # noqa: BLE001
-        if skip == 0:
-            yield RawSample(f"{url}#0", url, 0, error="unreadable_shard")
-            _log_error(url, e)
+    stream, unreadable = _open_reported(url, skip)
+    if stream is None:
+        yield from unreadable
         return
     index = 0
     with stream:

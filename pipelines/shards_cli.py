@@ -4,6 +4,7 @@
     m3ae shards --source fashion-mnist --split train --out data/fmnist \\
         --caption-template "a photo of a {label}"
     m3ae shards --source folder --images photos/ --captions photos.csv --out data/photos --size 256
+    m3ae shards --source fashion-mnist --out data/fmnist-tfr --container tfrecord  # TFRecords
     m3ae shards --source shakespeare --out data/shakespeare          # text documents (LM)
     python -m pipelines.shards_cli --source mnist --out data/mnist --limit 1000   # same options
 
@@ -41,6 +42,12 @@ def add_shards_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=None, help="default 1000 (100 text)")
     p.add_argument("--format", dest="image_format", choices=["jpg", "png"], default="jpg")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    p.add_argument(
+        "--container",
+        choices=["tar", "tfrecord"],
+        default="tar",
+        help="webdataset tars, or TFRecord files of tf.train.Example (images only)",
+    )
     p.add_argument("--limit", type=int, default=None, help="attempt only the first N entries")
     p.add_argument("--workers", type=int, default=None, help="default: CPU count (openclipart)")
     p.add_argument(
@@ -68,6 +75,8 @@ def run_shards(args: argparse.Namespace) -> int:
     """Build the source named by ``args.source``, write its shards, print a summary."""
     stream: RecordStream
     if args.source == "shakespeare":
+        if getattr(args, "container", "tar") != "tar":
+            raise ValueError("--source shakespeare writes text documents as tars only")
         return run_shakespeare_shards(args)
     if args.source == "folder":
         if not (args.images and args.captions):
@@ -95,6 +104,7 @@ def run_shards(args: argparse.Namespace) -> int:
         args.quality,
         progress=args.progress,
         overwrite=args.overwrite,
+        container=getattr(args, "container", "tar"),
     )
     print(summary_text(summary))
     if summary["written"] == 0:  # every entry skipped: a failure, not an empty success

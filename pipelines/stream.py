@@ -43,7 +43,8 @@ class ShardStream:
         self.seed, self.host, self.shuffle = int(seed), int(host), bool(shuffle)
         self.buffer_size = max(1, int(buffer_size)) if shuffle else 1
         self.resampled, self.epochs = bool(resampled), epochs
-        # `reader(url, skip)`: how a shard becomes samples (`pipelines.text` reads documents).
+        # `reader(url, skip)`: how a shard becomes samples (`pipelines.text` reads documents; the
+        # loader passes `shards.shard_reader(tfrecord)`, with its TFRecord feature names).
         self.shard_reader = reader
         self._start_epoch(0)
 

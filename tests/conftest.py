@@ -35,6 +35,27 @@ def clipart_shards(tmp_path_factory) -> list[str]:
     return sorted(str(p) for p in out.glob("*.tar"))
 
 
+@pytest.fixture(scope="session")
+def cli_without():
+    """`run(module, argv)`: `m3ae ARGV` in a fresh interpreter where importing `module` fails
+    for real (as without its optional extra); returns (exit code, stderr lines)."""
+    import subprocess
+    import sys
+
+    def run(module: str, argv: list[str]) -> tuple[int, list[str]]:
+        code = (
+            f"import sys; sys.modules[{module!r}] = None\n"
+            "from m3ae.cli import main\n"
+            f"sys.exit(main({list(argv)!r}))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+        )
+        return done.returncode, done.stderr.strip().splitlines()
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def s3() -> Iterator[str]:
     """`s3://m3ae-test-<random>` on a moto server at 127.0.0.1:<free port>, one per test module
@@ -115,11 +136,22 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "test_concurrent_requests_share_forwards": (SLOW, RAY, MULTIPROCESS),
     "test_every_limit_answers_4xx_and_the_replica_lives_on": (SLOW, RAY, MULTIPROCESS),
     "test_sigterm_stops_the_server_and_its_ray": (SLOW, RAY, MULTIPROCESS),
+    # TensorFlow (the tf extra) imported, three jax2tf exports loaded back and run.
+    "test_savedmodel.py": (SLOW,),
+    # TensorFlow imported (~5 s once): TFRecords it wrote, Example bytes, ours read by tf.data.
+    "test_reads_files_tensorflow_wrote": (SLOW,),
+    "test_example_bytes_are_interchangeable": (SLOW,),
+    "test_tensorflow_reads_our_files": (SLOW,),
+    # TFDS datasets prepared offline; `m3ae probe` on one in a subprocess; one-line errors.
+    "test_tfds.py": (SLOW,),
+    "test_probe_cli_reads_the_prepared_files_alone": (SLOW, MULTIPROCESS),
+    "test_errors_are_one_line": (SLOW, MULTIPROCESS),
     # Fine-tuning runs on real digits: 150 steps, resume, a pretrained encoder.
     "test_finetune.py": (SLOW,),
     # --- slow: training for many steps
     "test_train_local_recipe_runs": (SLOW,),
     "test_train_with_unpaired_streams": (SLOW,),
+    "test_tfrecord_shards_train_exactly_as_tars": (SLOW,),
     "test_gradient_accumulation_trains": (SLOW,),
     "test_resume_is_bitwise_identical": (SLOW,),
     "test_nonfinite_guard": (SLOW,),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
@@ -110,6 +111,27 @@ def test_ray_gives_the_same_batches_and_states(clipart_shards, reference, local_
     state = roundtrip(got[8].state)
     again = take(iter(SplitLoader(clipart_shards, 2, **args(clipart_shards, state=state))), 5)
     assert_same(reference[9:], again)
+
+
+def test_ray_feeders_read_tfrecords_with_named_features(
+    clipart_shards, reference, local_ray, tmp_path
+):
+    """The same samples as TFRecords under other feature names: Ray feeder processes, which get
+    the reader with the names pickled, give the batches of the tars."""
+    from pipelines.tfrecord import TFRecordFeatures, TFRecordWriter, encode_example
+
+    names = TFRecordFeatures(image="pixels", text="texts", label="class", key="id")
+    tfrecords = []
+    for url in clipart_shards:
+        tfrecords.append(str(tmp_path / f"{os.path.basename(url)[:-4]}.tfrecord"))
+        with TFRecordWriter(tfrecords[-1]) as out:
+            for raw in read_shard(url):
+                m = raw.members
+                features = {"id": raw.key, "pixels": m["jpg"], "texts": m["txt"]}
+                out.write(encode_example({**features, "class": int(m["cls"])}))
+    with pool(tfrecords, tfrecord=names) as p:
+        got = take(iter(p), N)
+    assert_same(reference, got)
 
 
 def test_ray_resumes_a_split_loader_state(clipart_shards, reference, local_ray):

@@ -7,19 +7,19 @@
         --out runs/probe/x
     m3ae probe --data npy:feats/ --evaluator linear --opt epochs=50 --opt base_lr=6.4 --out o
     m3ae probe --model m --data openclipart --evaluator knn --exclude-keys seen.txt --out o
+    m3ae probe --model m --data tfds:fashion_mnist --tfds-data-dir ~/tensorflow_datasets --out o
 
     result = probe("runs/demo/model", "fashion-mnist", "ridge", "runs/probe/fm", limit=5000)
 
 Datasets: see `m3ae.evaluate.probe_data` (`fashion-mnist`, `mnist`, `openclipart`, `shards:`,
-`folder:`,
-`npy:`). Features (the CLS output after the final LayerNorm, or `--pool mean`, unnormalized,
-float32) come from `m3ae.evaluate.embed` and are cached under `OUT/features/`, so a second run with
-another evaluator embeds nothing. Evaluators (`m3ae.evaluate.probe`): `ridge`, `linear` (the paper's
-LARS probe, base LR swept on a held-out split unless `--opt base_lr=`), `logistic` (weight-decay
-sweep on a held-out split, then refit), `knn` (DINO's weighted kNN: cosine, k = 20, T = 0.07)
-and `fewshot` (ridge at 1/5/10/25 shots x 5 seeds, plus the full-train ridge probe);
-`--opt KEY=VALUE` passes an evaluator option (JSON values). `--random-init` probes the same
-architecture with freshly initialised weights (the baseline a pretrained encoder must beat).
+`folder:`, `npy:`, `tfds:` with `--tfds-data-dir/-image/-label/-split`). Features (the CLS
+output after the final LayerNorm, or `--pool mean`, unnormalized, float32) come from
+`m3ae.evaluate.embed` and are cached under `OUT/features/`, so another evaluator embeds nothing.
+Evaluators (`m3ae.evaluate.probe`): `ridge`, `linear` (the paper's LARS probe, base LR swept on a
+held-out split unless `--opt base_lr=`), `logistic` (weight-decay sweep on a held-out split, then
+refit), `knn` (DINO's weighted kNN: cosine, k = 20, T = 0.07) and `fewshot` (ridge at 1/5/10/25
+shots x 5 seeds, plus the full-train ridge probe); `--opt KEY=VALUE` passes an evaluator option
+(JSON values). `--random-init` probes the same architecture freshly initialised (the baseline).
 
 Samples the model trained on are left out of both parts, by key (`m3ae.evaluate.probe_exclude`): the
 keys of the shards in the model directory's `trained_on` record (also for `--random-init` of
@@ -70,8 +70,10 @@ from m3ae.evaluate.probe_data import (
     DATASET_HELP,
     DEFAULT_CACHE,
     Features,
+    add_tfds_arguments,
     dataset_features,
     resolve_dataset,
+    tfds_options,
 )
 from m3ae.evaluate.probe_exclude import apply_exclusion, build_exclusion
 
@@ -166,13 +168,14 @@ def probe(
     exclude_trained: bool = True,
     exclude_keys: str | os.PathLike | None = None,
     exclude_shards: str | None = None,
+    tfds: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Probe `model_dir` (or a random init of it / of preset `random_init`; "" = of model_dir)
     on `dataset` with `evaluator`; writes `out/probe.json` + `out/confusion.png` and returns
     the result written. `image_size` overrides the model's (default: its config, else 256).
     Samples whose keys are in `model_dir`'s `trained_on` shards (unless not
     `exclude_trained`), in the key file `exclude_keys` or in the shards `exclude_shards` are
-    left out. See the module docstring."""
+    left out. `tfds`: `resolve_dataset`'s tfds_* options. See the module docstring."""
     start = time.perf_counter()
     if evaluator not in CHOICES:
         raise ValueError(f"--evaluator {evaluator!r}: choose one of {list(CHOICES)}")
@@ -180,7 +183,7 @@ def probe(
         raise ValueError(f"--pool {pool!r}: choose cls or mean")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    options = dict(options or {})
+    options, tfds = dict(options or {}), dict(tfds or {})
     meta: dict[str, Any] = {}
     trained_on, trained_dir = None, None
     if model_dir is not None or random_init is not None:
@@ -199,7 +202,7 @@ def probe(
         image_size = int(image_size or read_preprocess(model_dir)["image_size"])
     if model_dir is None and not dataset.startswith("npy:"):
         raise ValueError(f"--data {dataset}: images need --model DIR (or --random-init SIZE)")
-    spec = resolve_dataset(dataset, cache_dir, limit, image_size or 256, None, progress)
+    spec = resolve_dataset(dataset, cache_dir, limit, image_size or 256, None, progress, **tfds)
     exclusion: dict[str, Any] = {"excluded": 0, "sources": []}
     if spec.arrays is not None:
         if exclude_keys is not None or exclude_shards is not None:
@@ -212,8 +215,9 @@ def probe(
         features: dict[str, Any] = {"source": dataset}
     else:
         # One cache per (model, pool, dataset): switching any of them never mixes features.
-        ident = json.dumps([model_dir, pool, dataset, limit, image_size])
-        tag = hashlib.blake2b(ident.encode(), digest_size=6).hexdigest()
+        ident = [model_dir, pool, dataset, limit, image_size]
+        ident += [spec.parts] if dataset.startswith("tfds:") else []  # the shards name its options
+        tag = hashlib.blake2b(json.dumps(ident).encode(), digest_size=6).hexdigest()
         feature_dir = out / "features" / f"{pool}-{tag}"
         print(f"probe: image features of {dataset} -> {feature_dir}", flush=True)
         train, test, features = dataset_features(
@@ -365,6 +369,7 @@ def add_probe_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="embedding batch")
     p.add_argument("--workers", type=int, default=4, help="decode threads")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_tfds_arguments(p)
     p.set_defaults(func=run_probe_command)
     return p
 
@@ -390,5 +395,6 @@ def run_probe_command(args: argparse.Namespace) -> int:
         exclude_trained=args.exclude_trained,
         exclude_keys=args.exclude_keys,
         exclude_shards=args.exclude_shards,
+        tfds=tfds_options(args),
     )
     return 0

@@ -18,6 +18,13 @@ Dataset specs (`DATASET_HELP`):
   or `DIR/<class>/...` split by key hash.
 * `npy:DIR`: cached features `train_x.npy`, `train_y.npy`, `test_x.npy`, `test_y.npy` (plus an
   optional `classes.json`); no model is run.
+* `tfds:NAME[:CONFIG]`: a prepared TensorFlow Datasets dataset (`pipelines.tfds_records`: the
+  `tf` extra, offline, never downloaded) in `tfds_data_dir` (default `$TFDS_DATA_DIR`, else
+  `~/tensorflow_datasets`), read by its `tfds_image` and `tfds_label` (ClassLabel) features.
+  Its `train` and `test` splits if it has both (`limit` = at most N of each), else its `train`
+  (or only) split, split by key hash; `tfds_split` = `TRAIN::TEST` or one split, as TFDS split
+  strings (`train[:80%]`). Written once, like the named sets, into `cache_dir`, under a name
+  that holds every choice (dataset, config, version, split, limit, features).
 
 The key-hash split puts a sample in test when blake2b("probe-split:" + key) / 2^64 < 0.2: the same
 key always lands on the same side, whatever the order or the subset of samples.
@@ -42,8 +49,10 @@ NAMED = ("fashion-mnist", "mnist", "openclipart")
 DATASET_HELP = (
     "fashion-mnist, mnist, openclipart, shards:TRAIN::TEST (or shards:URLS, split by key hash), "
     "folder:DIR (train/ and test/ class folders, or class folders split by key hash), npy:DIR "
-    "(train_x.npy, train_y.npy, test_x.npy, test_y.npy)"
+    "(train_x.npy, train_y.npy, test_x.npy, test_y.npy), tfds:NAME[:CONFIG] (a prepared TFDS "
+    "dataset: its train/test splits, or its one split by key hash)"
 )
+TFDS_OPTIONS = ("tfds_data_dir", "tfds_image", "tfds_label", "tfds_split")
 DEFAULT_CACHE = os.path.join(os.environ.get("M3AE_CACHE", "~/.cache/m3ae"), "probe-datasets")
 
 
@@ -109,6 +118,46 @@ def _class_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def add_tfds_arguments(parser: Any) -> None:
+    """The `--tfds-*` options of `--data tfds:NAME` (dests: `TFDS_OPTIONS`) on an argparse
+    parser; `tfds_options(args)` collects those given."""
+    group = parser.add_argument_group("--data tfds:NAME[:CONFIG] (a prepared TFDS dataset)")
+    for flag, metavar, text in (
+        ("--tfds-data-dir", "DIR", "TFDS data directory (default: $TFDS_DATA_DIR, else "
+         "~/tensorflow_datasets)"),
+        ("--tfds-image", "FEATURE", "image feature (default: `image`, else the first Image "
+         "feature)"),
+        ("--tfds-label", "FEATURE", "ClassLabel feature (default: `label`, else the first "
+         "ClassLabel feature)"),
+        ("--tfds-split", "TRAIN::TEST", "TFDS splits, e.g. 'train[:80%%]::train[80%%:]', or one "
+         "split split by key hash (default: train and test, else train by key hash)"),
+    ):  # fmt: skip
+        group.add_argument(flag, metavar=metavar, help=text)
+
+
+def tfds_options(args: Any) -> dict[str, str]:
+    """The `--tfds-*` options given on the command line, as `resolve_dataset` keywords."""
+    return {k: getattr(args, k) for k in TFDS_OPTIONS if getattr(args, k, None) is not None}
+
+
+def _tfds_dataset(
+    spec: str, cache: Path, limit: int | None, progress: bool, options: dict[str, Any]
+) -> Dataset:
+    """A prepared TFDS dataset's parts, written once as shards (`pipelines.tfds_records`)."""
+    from pipelines.tfds_records import open_tfds
+
+    source = open_tfds(
+        spec.partition(":")[2], options["tfds_data_dir"], options["tfds_image"],
+        options["tfds_label"],
+    )  # fmt: skip
+    parts = {}
+    for part, split in source.parts(options["tfds_split"]).items():
+        make = lambda split=split: source.records(split, limit)  # noqa: E731
+        directory = cache / source.cache_name(split, limit)
+        parts[part] = _cached_shards(directory, make, source.image_format, progress)
+    return Dataset(spec, parts, classes=source.classes)
+
+
 def resolve_dataset(
     spec: str,
     cache_dir: str | os.PathLike = DEFAULT_CACHE,
@@ -116,9 +165,24 @@ def resolve_dataset(
     render_size: int = 256,
     workers: int | None = None,
     progress: bool = True,
+    *,
+    tfds_data_dir: str | os.PathLike | None = None,
+    tfds_image: str | None = None,
+    tfds_label: str | None = None,
+    tfds_split: str | None = None,
 ) -> Dataset:
-    """Turn a dataset spec (module docstring) into a `Dataset`, writing cached shards if needed."""
+    """Turn a dataset spec (module docstring) into a `Dataset`, writing cached shards if needed.
+    The `tfds_*` options (None: their defaults) apply to `tfds:` specs only."""
     cache = Path(cache_dir).expanduser()
+    options = dict(
+        zip(TFDS_OPTIONS, (tfds_data_dir, tfds_image, tfds_label, tfds_split), strict=True)
+    )
+    if spec.startswith("tfds:"):
+        return _tfds_dataset(spec, cache, limit, progress, options)
+    given = [k for k, v in options.items() if v is not None]
+    if given:
+        names = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{names}: only for --data tfds:NAME, not {spec!r}")
     tag = f"n{limit}" if limit else "all"
     if spec in ("fashion-mnist", "mnist"):
         from pipelines.shard_records import labelled_records

@@ -1,8 +1,11 @@
-"""`m3ae export`: a pretrained M3AE / MAE image encoder as timm VisionTransformer weights.
+"""`m3ae export`: a pretrained M3AE / MAE image encoder as timm VisionTransformer weights, or its
+encoders as a TensorFlow SavedModel (`--format savedmodel`, `m3ae.export.savedmodel`: jax2tf,
+the `tf` extra).
 
     m3ae export --model runs/demo/model --out runs/demo/timm
     m3ae export --model runs/demo/model --out runs/demo/timm --include text,decoder --overwrite
     m3ae export --model runs/demo/model --out runs/demo/timm-384 --image-size 384
+    m3ae export --model runs/demo/model --out runs/demo/savedmodel --format savedmodel
 
     summary = export_safetensors("runs/demo/model", "runs/demo/timm")
 
@@ -40,6 +43,7 @@ Files are written under temporary names and renamed; nothing is pickled.
 
 from m3ae.export.command import FORMATS, add_export_command, run_export
 from m3ae.export.safetensors_dir import CONFIG, EXTRAS, WEIGHTS, export_safetensors, parse_include
+from m3ae.export.savedmodel import export_savedmodel
 from m3ae.export.timm_vit import (
     EXPORT_FORMAT,
     PARTS,
@@ -59,6 +63,7 @@ __all__ = [
     "add_export_command",
     "architecture",
     "export_safetensors",
+    "export_savedmodel",
     "extra_tensors",
     "parse_include",
     "run_export",

@@ -3,15 +3,18 @@ shards with the probe's split and exclusion rules.
 
     prepared = prepare_data("fashion-mnist", cache_dir, limit=5000, render_size=64)
     prepared = prepare_data("openclipart", cache_dir, exclusion=build_exclusion(trained_on))
+    prepared = prepare_data("tfds:fashion_mnist", cache_dir, tfds={"tfds_data_dir": "~/tfds"})
     prepared.train, prepared.test, prepared.classes, prepared.counts
 
 Datasets (`m3ae.evaluate.probe_data.DATASET_HELP`): `fashion-mnist`, `mnist` (their own splits),
 `openclipart` (rendered once at `render_size`), `shards:TRAIN::TEST`, `shards:URLS`,
-`folder:DIR` (class folders, `DIR/train` + `DIR/test` or one tree). One set (`shards:URLS`,
-`openclipart`, a single class-folder tree) is split by the probe's key hash (`in_test`: a key
-is always on the same side), and the samples whose keys are in `exclusion` (the pretrained
-model's `trained_on` shards, a key file, shards) are left out of both parts, so a fine-tuned
-model is scored, like its probe, on data its encoder never saw.
+`folder:DIR` (class folders, `DIR/train` + `DIR/test` or one tree), `tfds:NAME[:CONFIG]` (a
+prepared TFDS dataset, written once as shards; `tfds` holds `resolve_dataset`'s `tfds_data_dir`,
+`tfds_image`, `tfds_label`, `tfds_split`). One set (`shards:URLS`, `openclipart`, a single
+class-folder tree, a TFDS dataset without a test split) is split by the probe's key hash
+(`in_test`: a key is always on the same side), and the samples whose keys are in `exclusion`
+(the pretrained model's `trained_on` shards, a key file, shards) are left out of both parts, so
+a fine-tuned model is scored, like its probe, on data its encoder never saw.
 
 Shards given as TRAIN::TEST with nothing to exclude are used as they are. Otherwise the kept
 samples are copied as they are (no re-encoding) into `cache_dir/finetune-<digest>/{train,test}`,
@@ -62,12 +65,15 @@ def prepare_data(
     render_size: int = 256,
     exclusion: Exclusion | None = None,
     progress: bool = True,
+    tfds: dict[str, Any] | None = None,
 ) -> Prepared:
-    """Train and test shards of `dataset` (module docstring), split and filtered."""
+    """Train and test shards of `dataset` (module docstring), split and filtered; `tfds`:
+    `resolve_dataset`'s tfds_* options (None values: their defaults)."""
     if dataset.startswith("npy:"):
         raise ValueError(f"data.dataset={dataset!r}: fine-tuning needs images, not features")
     exclusion = exclusion or Exclusion()
-    spec = resolve_dataset(dataset, cache_dir, limit, render_size, None, progress)
+    tfds = {k: v for k, v in (tfds or {}).items() if v is not None}
+    spec = resolve_dataset(dataset, cache_dir, limit, render_size, None, progress, **tfds)
     sources = _sources(spec)
     excluded = sorted(exclusion.keys)
     if set(sources) == set(PARTS) and not excluded and spec.labels == "cls":

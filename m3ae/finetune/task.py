@@ -38,6 +38,7 @@ from m3ae.classifier import (
     encoder_params,
     layer_decay_scales,
 )
+from m3ae.evaluate.probe_data import TFDS_OPTIONS
 from m3ae.evaluate.probe_exclude import build_exclusion
 from m3ae.finetune.data import Prepared, prepare_data
 from m3ae.finetune.evaluate import describe, finetune_eval
@@ -199,10 +200,13 @@ def _prepare(config: ml_collections.ConfigDict, pretrained: dict, init: str) -> 
         )
     size = int(data.image_size or pretrained["preprocess"].get("image_size", 256))
 
+    # "" = the option's default (`m3ae.evaluate.probe_data.resolve_dataset`)
+    tfds = {k: data.get(k) or None for k in TFDS_OPTIONS}
+
     def run() -> Prepared:
         return prepare_data(
             data.dataset, data.cache_dir, int(data.limit) or None, size, exclusion,
-            progress=jax.process_index() == 0,
+            progress=jax.process_index() == 0, tfds=tfds,
         )  # fmt: skip
 
     if jax.process_count() == 1:
