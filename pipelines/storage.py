@@ -20,6 +20,12 @@ an object lies under it, and `move` of a folder copies then deletes (not atomic,
 use it only for what is never read half-moved). A write is one PUT: readers see the old object
 or the new one, never a part. fsspec's listing cache is switched off (TensorStore and other
 processes write behind its back), unless the user configured it.
+
+`etils.epath` (Orbax's paths) sends `s3://` and `gs://` through TensorFlow's `gfile` whenever
+TensorFlow is installed, as it is with the `tf` extra; TensorFlow has had no S3 file system since
+2.6 ("File system scheme 's3' not implemented") and knows nothing of the settings above. So
+importing this module sets `EPATH_USE_TF=false` unless the user set it: every epath goes through
+fsspec like the rest (`tests/test_object_storage.py` runs with TensorFlow installed).
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any
+
+# Before any etils.epath call: epath decides once per process (cached) whether to use TF.
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 # URL schemes read through fsspec; anything else with "://" (http, pipe:) is not ours.
 OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs")
