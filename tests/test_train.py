@@ -27,10 +27,22 @@ def small_config(shards, *extra):
     return load_config("m3ae_pretrain:local", overrides)
 
 
-def test_train_local_recipe_runs(clipart_shards, tmp_path):
-    summary = train(small_config(clipart_shards, "logging.every=1"), str(tmp_path))
+@pytest.fixture(scope="module")
+def local_run(clipart_shards, tmp_path_factory):
+    """The `local` recipe for 4 steps on the tar shards, logging every step: (summary, workdir)."""
+    workdir = tmp_path_factory.mktemp("local-run")
+    return train(small_config(clipart_shards, "logging.every=1"), str(workdir)), workdir
+
+
+def step_losses(workdir) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["paired/text_loss"]) for r in rows if "loss" in r]
+
+
+def test_train_local_recipe_runs(local_run):
+    summary, workdir = local_run
     assert summary["steps"] == 4
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
     rows = [r for r in map(json.loads, lines) if "loss" in r]
     evals = [r for r in map(json.loads, lines) if "eval" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -40,43 +52,38 @@ def test_train_local_recipe_runs(clipart_shards, tmp_path):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert rows[0]["lr"] < rows[1]["lr"]  # warm-up
     assert rows[-1]["data"]["paired"]["used"] >= 64
-    assert (tmp_path / "reconstruction_000004.png").stat().st_size > 1000
+    assert (workdir / "reconstruction_000004.png").stat().st_size > 1000
     for key in ("samples_per_s", "tokens_per_s", "mfu", "data_wait_fraction", "nonfinite_steps"):
         assert all(np.isfinite(r[key]) for r in rows), key
-    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and b"reconstruction" in events[0].read_bytes()  # the image summary
-    model, params = load_pretrained(tmp_path / "model")
+    model, params = load_pretrained(workdir / "model")
     assert model.emb_dim == 128 and "block_0" in params["encoder"]
     # `data.tokenizer = "captions:2048"`: learnt from these shards, saved with the model.
     from pipelines.tokenizer import load_tokenizer
 
-    vocab = (tmp_path / "tokenizer" / "vocab.txt").read_text().splitlines()
+    vocab = (workdir / "tokenizer" / "vocab.txt").read_text().splitlines()
     assert vocab[0] == "[PAD]" and 100 < len(vocab) <= 2048 and model.vocab_size == len(vocab)
-    assert len(load_tokenizer(tmp_path / "model" / "tokenizer")) == len(vocab)
+    assert len(load_tokenizer(workdir / "model" / "tokenizer")) == len(vocab)
     assert params["text_head"]["kernel"].shape == (64, len(vocab))
 
 
-def test_tfrecord_shards_train_exactly_as_tars(clipart_shards, tmp_path):
+def test_tfrecord_shards_train_exactly_as_tars(local_run, tmp_path):
     """The same drawings as TFRecord files (written by `m3ae shards --container tfrecord`'s
     writer) train the very same steps: same batches, same vocabulary, same losses, bit for bit."""
     from pipelines.shard_records import openclipart_records
     from pipelines.shard_writer import write_shards
 
-    records = openclipart_records(size=64, limit=96, shuffle_seed=0, workers=2)
+    records = openclipart_records(size=64, limit=96, shuffle_seed=0, workers=2)  # the tars'
     tfr = tmp_path / "tfrecord"
     write_shards(records, tfr, samples_per_shard=24, progress=False, container="tfrecord")
     tfrecords = sorted(str(p) for p in tfr.glob("*.tfrecord"))
-    assert len(tfrecords) == len(clipart_shards)
-
-    def losses(shards, workdir, *extra):
-        train(small_config(shards, "logging.every=1", *extra), str(workdir))
-        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"], r["paired/text_loss"]) for r in rows if "loss" in r]
-
-    want = losses(clipart_shards, tmp_path / "tar")
-    assert len(want) == 4
-    assert losses(tfrecords, tmp_path / "tfr") == want
-    vocab = (tmp_path / "tar" / "tokenizer" / "vocab.txt").read_text()
+    assert len(tfrecords) == 4
+    train(small_config(tfrecords, "logging.every=1"), str(tmp_path / "tfr"))
+    tars = local_run[1]
+    assert len(step_losses(tars)) == 4
+    assert step_losses(tmp_path / "tfr") == step_losses(tars)
+    vocab = (tars / "tokenizer" / "vocab.txt").read_text()
     assert (tmp_path / "tfr" / "tokenizer" / "vocab.txt").read_text() == vocab
 
 
