@@ -22,8 +22,11 @@ class MissingExtra(ValueError):
 
 
 def _quiet() -> None:
-    # TensorFlow's C++ start-up chatter (oneDNN, CPU features) unless the user asked for it.
+    """TensorFlow's start-up chatter off unless the user set these: its C++ log, and the oneDNN
+    notice TF 2.21 prints whatever the log level (what we run, TFDS reading and XLA programs of
+    a SavedModel, does not use oneDNN's fused kernels)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def import_tensorflow(what: str) -> ModuleType:

@@ -143,13 +143,6 @@ def _pick(features: Any, kind: type, given: str | None, default: str, what: str,
     return name
 
 
-def _import_tfds(what: str) -> Any:
-    """`import_tfds`, without the oneDNN notice TensorFlow 2.21 prints to stderr at import
-    whatever TF_CPP_MIN_LOG_LEVEL says (oneDNN's fused kernels do not matter for reading)."""
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    return import_tfds(what)
-
-
 def _rgb(pixels: np.ndarray) -> Image.Image:
     """An RGB image of a decoded TFDS image: grey (H, W, 1) and alpha channels included."""
     if pixels.dtype == np.uint16:
@@ -226,7 +219,7 @@ class TfdsSource:
         self, split: str, limit: int | None = None, caption_template: str = DEFAULT_TEMPLATE
     ) -> RecordStream:
         """The examples of `split` (file order; at most `limit`) as labelled RGB records."""
-        tfds, builder = _import_tfds(f"--data {self.spec}"), self.builder
+        tfds, builder = import_tfds(f"--data {self.spec}"), self.builder
         features = builder.info.features
         total = self.count(split)
         total = min(total, limit) if limit else total
@@ -283,7 +276,7 @@ def open_tfds(
     root = Path(data_dir or default_data_dir()).expanduser().absolute()
     config, version = locate(name, config, version, root)
     what = f"tfds:{name}" + (f":{config}" if config else "")
-    tfds = _import_tfds(f"--data {what}")
+    tfds = import_tfds(f"--data {what}")
     kwargs = {"config": config} if config else {}
     try:
         # A version given: TFDS reads the dataset from its files, never from builder code.

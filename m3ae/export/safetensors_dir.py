@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ def _image_size(value: int | tuple[int, int] | None, default: int, patch: int) -
     return size
 
 
-def _check_out(out: Path, model_dir: str, overwrite: bool) -> None:
+def check_out(out: Path, model_dir: str, overwrite: bool, earlier: Callable[[Path], bool]) -> None:
+    """Before an export writes into `out`: not a file, not the model directory itself, and if
+    not empty, only with `overwrite` and where `earlier(out)` says an m3ae export lies there."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
     if out.is_dir() and not str(model_dir).startswith(("s3://", "gs://")):
@@ -46,9 +48,13 @@ def _check_out(out: Path, model_dir: str, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"output directory {out} is not empty (pass --overwrite)")
-        old = out / CONFIG
-        if old.is_file() and not _is_export(old):
-            raise ValueError(f"{old} is not an m3ae export: refusing to overwrite it")
+        if not earlier(out):
+            raise ValueError(f"{out} does not hold an m3ae export: refusing to overwrite it")
+
+
+def _earlier_export(out: Path) -> bool:
+    """Whether `out` may be overwritten by a safetensors export: no config.json, or ours."""
+    return not (out / CONFIG).is_file() or _is_export(out / CONFIG)
 
 
 def _is_export(config: Path) -> bool:
@@ -88,7 +94,7 @@ def export_safetensors(
     if "://" not in src and not Path(src).is_dir():
         raise FileNotFoundError(f"model directory {src} does not exist")
     out = Path(out_dir)
-    _check_out(out, src, overwrite)
+    check_out(out, src, overwrite, _earlier_export)
     meta, prep = read_config(src), read_preprocess(src)
     step = meta.get("step")
     model, params = load_pretrained(src)

@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from m3ae.export.safetensors_dir import check_out
 from pipelines.tf_extra import import_tensorflow
 from pipelines.tokenizer import TOKENIZE
 
@@ -92,16 +93,6 @@ def stablehlo_for(tf: Any) -> Iterator[str]:
         _export._module_to_bytecode = original
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"output directory {out} is not empty (pass --overwrite)")
-        if not (out / "assets.extra" / MANIFEST).is_file():
-            raise ValueError(f"{out} is not an m3ae SavedModel export: refusing to overwrite it")
-
-
 def parse_platforms(platforms: str | Sequence[str]) -> tuple[str, ...]:
     """`"cpu,cuda"` or a sequence -> checked platform names, in the order given."""
     items = platforms.split(",") if isinstance(platforms, str) else list(platforms)
@@ -132,7 +123,7 @@ def export_savedmodel(
     if "://" not in src and not Path(src).is_dir():
         raise FileNotFoundError(f"model directory {src} does not exist")
     out = Path(out_dir)
-    _check_out(out, overwrite)
+    check_out(out, src, overwrite, lambda out: (out / "assets.extra" / MANIFEST).is_file())
     tf = import_tensorflow(WHAT)
     import jax
     from jax.experimental import jax2tf
@@ -145,11 +136,12 @@ def export_savedmodel(
 
     module = tf.Module()
     module.params = tf.nest.map_structure(tf.Variable, params)  # saved as variables
-    signatures = {}
+    signatures, shapes = {}, {}  # kind -> concrete function; kind -> input -> [None, ...]
     with stablehlo_for(tf) as stablehlo:
         for kind in kinds:
             features = Features((kind,), pool, bool(normalize))
             specs = _signature_inputs(kind, size, length, tf)
+            shapes[kind] = {name: [None, *spec.shape[1:]] for name, spec in specs.items()}
 
             def encode(params: Any, batch: dict, features: Features = features) -> Any:
                 return encoder.forward(params, batch, features)[features.kinds[0]]
@@ -181,13 +173,7 @@ def export_savedmodel(
                 "model_dir": source,
                 "step": meta.get("step"),
                 "model": "M3AE" if model.use_text else "MAE",
-                "signatures": {
-                    k: {
-                        n: [None, *s.shape[1:]]
-                        for n, s in _signature_inputs(k, size, length, tf).items()
-                    }
-                    for k in kinds
-                },
+                "signatures": shapes,
                 "embedding_dim": int(model.emb_dim),
                 "pool": pool,
                 "normalize": bool(normalize),
